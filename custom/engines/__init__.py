@@ -1,0 +1,1 @@
+"""Engines: Ignite trainers/evaluators (monai.engines), prepare-batch classes, inferers, handlers, checkpoints."""
