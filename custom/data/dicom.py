@@ -1,0 +1,233 @@
+"""Reading DICOM MG (digital mammography) files for MONAI's ``LoadImage``/``LoadImaged``.
+
+:class:`MammoDicomReader` is a :class:`monai.data.ImageReader`. It validates the file (a readable DICOM, pixel
+data present, a grayscale modality we support), decodes the pixel data (compressed transfer syntaxes included,
+through pydicom's pixel-data plugins: pylibjpeg-openjpeg for JPEG 2000, pylibjpeg-libjpeg for JPEG / JPEG-LS,
+pylibjpeg-rle or pydicom for RLE; deflate is handled by pydicom) and returns the **stored values** untouched,
+shape ``(H, W)`` (rows first, *not* transposed as ITK-based readers do).
+
+The tags the grayscale pipeline needs travel in the metadata under ``"dicom_grayscale"`` as a JSON-friendly dict
+(see :func:`grayscale_params`); :class:`custom.transforms.DicomGrayscale` turns stored values into display values.
+Source-patient identifiers are deliberately not copied into the metadata.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from monai.data import ImageReader
+from monai.utils import ensure_tuple
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from custom.errors import MammoInputError
+
+__all__ = [
+    "MAMMOGRAPHY_SOP_CLASSES",
+    "MammoDicomReader",
+    "grayscale_params",
+    "header_from_params",
+    "read_dicom_header",
+    "laterality_from_header",
+]
+
+#: SOP classes of Digital Mammography X-Ray Image Storage (for presentation / for processing).
+MAMMOGRAPHY_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.1.2": "Digital Mammography X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.1.2.1": "Digital Mammography X-Ray Image Storage - For Processing",
+}
+_SUPPORTED_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
+_DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", "")
+
+# Tags copied verbatim (when present) into ``meta["dicom_grayscale"]``.
+_SCALAR_TAGS = (
+    "PhotometricInterpretation",
+    "BitsStored",
+    "BitsAllocated",
+    "PixelRepresentation",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "RescaleType",
+    "VOILUTFunction",
+    "PixelPaddingValue",
+    "PixelPaddingRangeLimit",
+    "PresentationLUTShape",
+)
+_MULTI_TAGS = ("WindowCenter", "WindowWidth", "WindowCenterWidthExplanation")
+_LUT_SEQUENCES = ("ModalityLUTSequence", "VOILUTSequence")
+
+
+def _lut_item_to_dict(item: Dataset) -> dict[str, Any]:
+    out: dict[str, Any] = {"LUTDescriptor": [int(v) for v in item.LUTDescriptor]}
+    # pydicom decodes LUTData to a list of ints (or bytes for OW): keep a plain list of ints.
+    data = item.LUTData
+    if isinstance(data, (bytes, bytearray)):
+        data = np.frombuffer(data, dtype="<u2")
+    out["LUTData"] = [int(v) for v in np.asarray(data).ravel()]
+    for key in ("LUTExplanation", "ModalityLUTType"):
+        if key in item:
+            out[key] = str(item.get(key))
+    return out
+
+
+def grayscale_params(ds: Dataset) -> dict[str, Any]:
+    """The Modality-LUT, VOI-LUT and pixel-padding tags of ``ds`` as a JSON-friendly dict.
+
+    Multi-valued window tags become lists; LUT sequences become lists of
+    ``{"LUTDescriptor": [n, first, bits], "LUTData": [...]}``. Absent tags are absent keys.
+    """
+    params: dict[str, Any] = {}
+    for key in _SCALAR_TAGS:
+        if key in ds and ds[key].value is not None and ds[key].value != "":
+            value = ds[key].value
+            params[key] = value if isinstance(value, str) else float(value) if key.startswith("Rescale") else int(value)
+    for key in _MULTI_TAGS:
+        if key in ds and ds[key].value not in (None, ""):
+            elem = ds[key]
+            values = list(elem.value) if elem.VM > 1 else [elem.value]
+            params[key] = [str(v) for v in values] if key.endswith("Explanation") else [float(v) for v in values]
+    for key in _LUT_SEQUENCES:
+        if key in ds and len(ds[key].value):
+            params[key] = [_lut_item_to_dict(item) for item in ds[key].value]
+    return params
+
+
+def header_from_params(params: dict[str, Any]) -> Dataset:
+    """Rebuild a minimal pydicom :class:`~pydicom.dataset.Dataset` from :func:`grayscale_params` output,
+    so pydicom's own LUT functions (``apply_modality_lut``, ``apply_voi``, ``apply_windowing``) can be used."""
+    ds = Dataset()
+    for key in _SCALAR_TAGS:
+        if key in params:
+            setattr(ds, key, params[key])
+    for key in _MULTI_TAGS:
+        if key in params:
+            values = params[key]
+            setattr(ds, key, values if len(values) > 1 else values[0])
+    for key in _LUT_SEQUENCES:
+        if key in params:
+            items = []
+            for entry in params[key]:
+                item = Dataset()
+                item.LUTDescriptor = list(entry["LUTDescriptor"])
+                item.LUTData = list(entry["LUTData"])
+                for extra in ("LUTExplanation", "ModalityLUTType"):
+                    if extra in entry:
+                        setattr(item, extra, entry[extra])
+                items.append(item)
+            setattr(ds, key, items)
+    return ds
+
+
+def laterality_from_header(ds: Dataset | dict) -> str | None:
+    """``"L"``/``"R"`` from ImageLaterality, else Laterality, else ``None`` (tag missing or unusable)."""
+    for key in ("ImageLaterality", "Laterality"):
+        value = ds.get(key, None)
+        if value is not None and str(value).strip().upper() in ("L", "R"):
+            return str(value).strip().upper()
+    return None
+
+
+def read_dicom_header(path: str | os.PathLike, require_mammography: bool = True) -> Dataset:
+    """Read and validate a DICOM file's header and pixel data presence (pixel data not decoded).
+
+    Raises:
+        MammoInputError: not a DICOM file, no pixel data, another modality, unsupported photometric interpretation.
+    """
+    path = str(path)
+    try:
+        ds = pydicom.dcmread(path, force=False)
+    except InvalidDicomError as err:
+        raise MammoInputError(path, f"not a DICOM file ({err})") from err
+    except FileNotFoundError as err:
+        raise MammoInputError(path, "file not found") from err
+    except Exception as err:  # truncated/garbled files raise various errors inside pydicom
+        raise MammoInputError(path, f"unreadable DICOM file ({type(err).__name__}: {err})") from err
+    validate_mammogram_header(ds, path, require_mammography=require_mammography)
+    return ds
+
+
+def validate_mammogram_header(ds: Dataset, path: str, require_mammography: bool = True) -> None:
+    """Check a dataset is a grayscale image we can process; raise :class:`MammoInputError` otherwise."""
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise MammoInputError(path, "DICOM file has no pixel data (PixelData element missing)")
+    modality = str(ds.get("Modality", "")).upper()
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if require_mammography and modality != "MG" and sop_class not in MAMMOGRAPHY_SOP_CLASSES:
+        raise MammoInputError(
+            path, f"not a mammogram: Modality is {modality or 'missing'!r} (expected 'MG'), SOP class {sop_class or 'missing'}"
+        )
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    if photometric not in _SUPPORTED_PHOTOMETRIC:
+        raise MammoInputError(
+            path, f"unsupported PhotometricInterpretation {photometric or 'missing'!r} (expected MONOCHROME1 or MONOCHROME2)"
+        )
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise MammoInputError(path, f"expected one sample per pixel, got {ds.SamplesPerPixel}")
+    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        raise MammoInputError(path, f"expected a single-frame image, got {ds.NumberOfFrames} frames")
+
+
+def decode_pixels(ds: Dataset, path: str) -> np.ndarray:
+    """Decode the stored pixel values, shape (H, W), integer dtype as stored."""
+    try:
+        arr = ds.pixel_array
+    except Exception as err:
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(ts, "name", ts)
+        raise MammoInputError(path, f"cannot decode pixel data (transfer syntax {name}): {err}") from err
+    if arr.ndim != 2:
+        raise MammoInputError(path, f"expected a 2D image, decoded pixel array has shape {arr.shape}")
+    return arr
+
+
+class MammoDicomReader(ImageReader):
+    """MONAI image reader for DICOM MG files: stored values, shape ``(H, W)``, plus grayscale-pipeline tags.
+
+    Use through :class:`custom.transforms.LoadMammogram` / ``LoadMammogramd`` (``LoadImage`` given this reader at
+    call time, so its errors are not masked by MONAI's fallback to other readers); then apply
+    :class:`custom.transforms.DicomGrayscale`.
+
+    Metadata keys: ``"dicom_grayscale"`` (see :func:`grayscale_params`), ``"laterality"`` (``"L"``, ``"R"`` or
+    ``None``), ``"view_position"``, ``"presentation_intent"``, ``"sop_class_uid"``, ``"pixel_spacing"``
+    (row, col mm, or ``None``), ``"spatial_shape"`` ``(H, W)``, ``"original_channel_dim"`` (``"no_channel"``),
+    ``"filename_or_obj"``. No patient identifiers are copied.
+
+    Args:
+        require_mammography: reject files whose Modality is not ``MG`` (and SOP class is not a mammography one).
+    """
+
+    def __init__(self, require_mammography: bool = True):
+        super().__init__()
+        self.require_mammography = require_mammography
+
+    def verify_suffix(self, filename: Sequence[os.PathLike | str] | os.PathLike | str) -> bool:
+        return all(Path(f).suffix.lower() in _DICOM_SUFFIXES for f in ensure_tuple(filename))
+
+    def read(self, data: Sequence[os.PathLike | str] | os.PathLike | str, **kwargs) -> list[tuple[str, Dataset]]:
+        files = ensure_tuple(data)
+        if len(files) != 1:
+            raise MammoInputError(", ".join(map(str, files)), "MammoDicomReader reads one 2D file at a time")
+        path = str(files[0])
+        return [(path, read_dicom_header(path, require_mammography=self.require_mammography))]
+
+    def get_data(self, img: list[tuple[str, Dataset]] | tuple[str, Dataset]) -> tuple[np.ndarray, dict]:
+        path, ds = img[0] if isinstance(img, list) else img
+        arr = decode_pixels(ds, path)
+        spacing = ds.get("PixelSpacing", None) or ds.get("ImagerPixelSpacing", None)
+        meta: dict[str, Any] = {
+            "filename_or_obj": path,
+            "dicom_grayscale": grayscale_params(ds),
+            "laterality": laterality_from_header(ds),
+            "view_position": str(ds.get("ViewPosition", "")) or None,
+            "presentation_intent": str(ds.get("PresentationIntentType", "")) or None,
+            "sop_class_uid": str(ds.get("SOPClassUID", "")),
+            "pixel_spacing": [float(v) for v in spacing] if spacing else None,
+            "spatial_shape": np.asarray(arr.shape),
+            "original_channel_dim": "no_channel",
+        }
+        return arr, meta
