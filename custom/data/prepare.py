@@ -432,8 +432,12 @@ class PrepareWorkflow:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        # lesion cases first, both views and lateralities if available
-        chosen = sorted(records, key=lambda r: (-min(r["num_lesions"], 1), r["view"] or "", r["case_id"]))[: self.preview_cases]
+        # lesion cases first, the views taking turns
+        by_view: dict[str, list[dict]] = {}
+        for r in sorted(records, key=lambda r: (-min(r["num_lesions"], 1), r["case_id"])):
+            by_view.setdefault(r["view"] or "", []).append(r)
+        queues = list(by_view.values())
+        chosen = [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)][: self.preview_cases]
         n = len(chosen)
         cols = min(n, 8)
         rows = (n + cols - 1) // cols
