@@ -6,3 +6,5 @@ from custom.data.folder import load_folder_cases
 from custom.data.mask_io import load_mask_file
 from custom.data.prepare import PrepareWorkflow, PreprocessSettings, load_display_image, preprocess_case
 from custom.data.vindr import load_vindr_cases
+from custom.data.conditions import Conditions, build_conditions
+from custom.data.export import export_sample, write_png16, write_synthetic_dicom
