@@ -1,0 +1,115 @@
+"""The Fréchet distance between two Gaussians, shared by FID/FSD (network embeddings) and FRD (radiomic features).
+
+For Gaussians ``N(mu1, S1)`` and ``N(mu2, S2)``::
+
+    d^2 = ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))
+
+The value returned is this squared distance ``d^2`` (the quantity every FID implementation reports).
+
+Why not ``monai.metrics.FIDMetric``: its ``get_fid_score`` computes the same formula (and the tests check that the two
+agree), but calls ``scipy.linalg.sqrtm(..., disp=False)``, whose ``disp`` argument is deprecated in SciPy 1.17 and
+removed in 1.18, prints instead of logging, and its covariance helper fails for a single feature. This module keeps
+the formula in float64 NumPy with the usual guards:
+
+* if ``sqrtm(S1 S2)`` is not finite (a singular product, e.g. fewer samples than features), ``eps`` is added to both
+  diagonals and the root is taken again;
+* a small imaginary part from round-off is dropped; one on the diagonal (only the trace matters) larger than
+  ``imag_tol`` (relative to ``max(1, largest real magnitude)``) raises ``ValueError``;
+* a result that is negative by round-off only is clamped to 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import scipy.linalg
+
+__all__ = ["frechet_distance", "frechet_distance_from_features", "gaussian_fit"]
+
+logger = logging.getLogger(__name__)
+
+
+def _as_2d_features(x, name: str) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2:
+        raise ValueError(f"{name}: expected features of shape (N, D), got {arr.shape}")
+    if arr.shape[0] < 2:
+        raise ValueError(f"{name}: a covariance needs at least 2 samples, got {arr.shape[0]}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name}: features contain NaN or inf")
+    return arr
+
+
+def gaussian_fit(features) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (unbiased, ``N - 1``) covariance of a feature matrix.
+
+    Args:
+        features: ``(N, D)`` array-like or tensor (``(N,)`` is taken as ``D = 1``), ``N >= 2``, finite.
+
+    Returns:
+        ``mu`` float64 ``(D,)`` and ``sigma`` float64 ``(D, D)``.
+    """
+    arr = _as_2d_features(features, "features")
+    return arr.mean(axis=0), np.atleast_2d(np.cov(arr, rowvar=False))
+
+
+def _sqrtm(m: np.ndarray) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Matrix is singular ..." - handled by the finiteness check
+        return scipy.linalg.sqrtm(m)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, imag_tol: float = 1e-3) -> float:
+    """Squared Fréchet distance between ``N(mu1, sigma1)`` and ``N(mu2, sigma2)`` (see the module docstring).
+
+    Args:
+        mu1, mu2: means ``(D,)``.
+        sigma1, sigma2: covariances ``(D, D)`` (symmetric positive semi-definite).
+        eps: diagonal offset used when ``sqrtm(sigma1 @ sigma2)`` is not finite.
+        imag_tol: largest tolerated imaginary part on the matrix root's diagonal, relative to ``max(1, max |real part|)``.
+
+    Returns:
+        float ``>= 0``; 0 for identical Gaussians.
+
+    Raises:
+        ValueError: shapes that do not match, non-finite input, or a matrix root with a large imaginary part.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, dtype=np.float64)), np.atleast_1d(np.asarray(mu2, dtype=np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64)), np.atleast_2d(np.asarray(sigma2, dtype=np.float64))
+    d = mu1.shape[0]
+    if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
+        raise ValueError(f"shape mismatch: mu1 {mu1.shape}, mu2 {mu2.shape}, sigma1 {s1.shape}, sigma2 {s2.shape}")
+    for name, a in (("mu1", mu1), ("mu2", mu2), ("sigma1", s1), ("sigma2", s2)):
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"{name} contains NaN or inf")
+    diff = mu1 - mu2
+    covmean = _sqrtm(s1 @ s2)
+    if not np.all(np.isfinite(covmean)):
+        logger.warning("Fréchet distance: singular covariance product; adding %g to the diagonals", eps)
+        offset = np.eye(d) * eps
+        covmean = _sqrtm((s1 + offset) @ (s2 + offset))
+    if np.iscomplexobj(covmean):
+        scale = max(1.0, float(np.max(np.abs(covmean.real))))
+        imag = float(np.max(np.abs(np.diagonal(covmean).imag)))  # only the trace enters the distance
+        if imag > imag_tol * scale:
+            raise ValueError(f"Fréchet distance: matrix square root has a large imaginary component ({imag:g})")
+        covmean = covmean.real
+    value = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
+    return max(value, 0.0)
+
+
+def frechet_distance_from_features(features1, features2, eps: float = 1e-6) -> float:
+    """Fréchet distance between the Gaussian fits (:func:`gaussian_fit`) of two feature sets ``(N1, D)``, ``(N2, D)``."""
+    a = _as_2d_features(features1, "features1")
+    b = _as_2d_features(features2, "features2")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature dimensions differ: {a.shape[1]} vs {b.shape[1]}")
+    mu1, s1 = gaussian_fit(a)
+    mu2, s2 = gaussian_fit(b)
+    return frechet_distance(mu1, s1, mu2, s2, eps=eps)
