@@ -1,8 +1,10 @@
 # mammo_gcdm — one entry point for setting up, training, testing and benchmarking.
-#   make train   environment + phantom dataset + prepare (+ training stages as they land)
-#   make test    environment + the test suite (what CI runs)
+#   make train   environment + phantom dataset + prepare + stage 1 (autoencoder) + stage 2 (diffusion)
+#                + lesion segmenter + presets + inference on a few test masks + evaluation (CPU-sized default)
+#   make test    environments + the test suite (what CI runs: .ci/run)
+#   make label   MONAI Label server on the phantom datastore with the trained default model
 #   make bench   throughput figures written to bundle/docs/benchmarks.md
-# Point it at a real VinDr-Mammo download with: make prepare DATASET_DIR=/path/to/vindr-mammo
+# Point it at a real VinDr-Mammo download with: make train DATASET_DIR=/path/to/vindr-mammo
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,9 +17,20 @@ PHANTOM_DIR ?= $(DATA_DIR)/phantom
 PHANTOM_STUDIES ?= 40
 DATASET_DIR ?= $(PHANTOM_DIR)
 PREPARED_DIR ?= $(DATA_DIR)/prepared
+MODELS_DIR ?= bundle/models
+RUNS_DIR ?= runs
 BUNDLE := $(BIN)/python -m monai.bundle
+STAGE2_CONFIGS := "['bundle/configs/train_autoencoder.json','bundle/configs/train_diffusion.json']"
 
-.PHONY: env train phantom prepare test bench clean
+LABEL_VENV ?= .venv-label
+LABEL_BIN := $(LABEL_VENV)/bin
+LABEL_STAMP := $(LABEL_VENV)/.mammo_gcdm-label-installed
+LABEL_STUDIES ?= $(DATA_DIR)/label_studies
+LABEL_HOST ?= 127.0.0.1
+LABEL_PORT ?= 8000
+
+.PHONY: env label-env phantom prepare train train-autoencoder train-diffusion train-segmenter presets \
+	infer evaluate test bench label label-studies clean
 
 env: $(STAMP)
 
@@ -32,6 +45,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test]"
 	@touch $(STAMP)
 
+# monailabel needs pydicom 2 (the product keeps pydicom 3), so it gets its own environment; torch first
+# (CPU wheel); monailabel and pydicom-seg without their declared dependencies, which would pull sam2,
+# torchvision and a CUDA torch. pip's resolver prints a dependency note here: this combination is the tested one.
+label-env: $(LABEL_STAMP)
+
+$(LABEL_STAMP): custom/label_app/requirements-label.txt custom/label_app/requirements-label-nodeps.txt
+	$(PYTHON) -m venv $(LABEL_VENV)
+	$(LABEL_BIN)/python -m pip install -q --upgrade pip
+	$(LABEL_BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
+	$(LABEL_BIN)/python -m pip install -q --no-deps -r custom/label_app/requirements-label-nodeps.txt
+	$(LABEL_BIN)/python -m pip install -q -r custom/label_app/requirements-label.txt
+	$(LABEL_BIN)/python -c "import monailabel.main, monailabel.interfaces.app"
+	@touch $@
+
 $(PHANTOM_DIR)/finding_annotations.csv: | $(STAMP)
 	$(BUNDLE) run phantom --config_file bundle/configs/prepare.json \
 		--phantom_dir $(PHANTOM_DIR) --phantom_studies $(PHANTOM_STUDIES)
@@ -42,13 +69,43 @@ prepare: env $(if $(filter $(PHANTOM_DIR),$(DATASET_DIR)),phantom)
 	$(BUNDLE) run prepare --config_file bundle/configs/prepare.json \
 		--dataset_dir $(DATASET_DIR) --output_dir $(PREPARED_DIR)
 
-train: prepare
+train-autoencoder: prepare
+	$(BUNDLE) run training --config_file bundle/configs/train_autoencoder.json --prepared_dir $(PREPARED_DIR)
 
-test: env
+train-diffusion: env
+	$(BUNDLE) run training --config_file $(STAGE2_CONFIGS) --prepared_dir $(PREPARED_DIR)
+
+train-segmenter: env
+	$(BUNDLE) run training --config_file bundle/configs/train_segmenter.json --prepared_dir $(PREPARED_DIR)
+
+presets: env
+	$(BIN)/python -m custom.features.presets --prepared_dir $(PREPARED_DIR) --output_dir $(MODELS_DIR)
+
+infer: env
+	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(BUNDLE) run inference --config_file bundle/configs/inference.json \
+		--datalist $(PREPARED_DIR)/datalist.json --split test --max_cases 3 --output_dir $(RUNS_DIR)/inference
+
+evaluate: env
+	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(BUNDLE) run evaluate --config_file bundle/configs/evaluate.json \
+		--prepared_dir $(PREPARED_DIR) --results_dir $(RUNS_DIR)/evaluation
+
+train: train-autoencoder
+	$(MAKE) train-diffusion train-segmenter presets infer evaluate
+
+test: env label-env
 	$(BIN)/python -m pytest -q tests
 
 bench: env
 	$(BIN)/python -m custom.bench --output bundle/docs/benchmarks.md
 
+label-studies: env
+	$(BIN)/python custom/label_app/make_studies.py --prepared_dir $(PREPARED_DIR) --output_dir $(LABEL_STUDIES)
+
+label: env label-env presets label-studies
+	@test -f $(MODELS_DIR)/model.pt || { echo "no trained model in $(MODELS_DIR): run 'make train' first"; exit 1; }
+	$(LABEL_BIN)/python -m monailabel.main start_server --app custom/label_app --studies $(LABEL_STUDIES) \
+		--conf models mammo_gcdm --conf product_python $(BIN)/python --conf ckpt_dir $(MODELS_DIR) \
+		--host $(LABEL_HOST) --port $(LABEL_PORT) --log_config custom/label_app/logging.json
+
 clean:
-	rm -rf $(DATA_DIR) .pytest_cache
+	rm -rf $(DATA_DIR) $(RUNS_DIR) .pytest_cache

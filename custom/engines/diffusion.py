@@ -1,0 +1,498 @@
+"""Stage 2 of GCDM: the latent diffusion model, trained by the stock ``monai.engines.SupervisedTrainer``.
+
+Pieces wired together by ``bundle/configs/train_diffusion.json``:
+
+* :class:`FrozenLatentEncoder`: the stage-1 ``AutoencoderKL`` loaded from ``models/autoencoder.pt`` and frozen.
+  Image latent ``z = scale_factor * z_mu`` — the posterior *mean*, not a sample, so a latent is a deterministic
+  function of the image and can be cached. Soft-mask latent: each selected soft-mask channel (``mask_channels``,
+  default ``[0, 1, 2]`` = background, breast, blurred lesion) goes through the 1-channel encoder on its own and the
+  latents are concatenated: ``len(mask_channels) * latent_channels`` channels.
+* :class:`LatentCache` + :func:`diffusion_dataset`: every training/validation case is encoded once and stored as
+  ``<cache_dir>/<key>/<case_id>.pt`` (``{"latent", "mask_latent"}``, written atomically, read with
+  ``weights_only=True``). ``<key>`` hashes the stage-1 checkpoint *content*, ``sigma``, ``image_size``,
+  ``mask_channels`` and the latent definition, so a new autoencoder or mask setting never reuses stale latents.
+  With ``latent_cache: false`` the dataset holds images and soft masks and :class:`GCDMPrepareBatch` encodes each
+  batch on the fly (the slow path, kept to measure what the cache buys).
+* :class:`GCDMPrepareBatch` (a ``monai.engines.DiffusionPrepareBatch``): latent ``z0``, noise, timesteps, the CFG
+  drop events (:func:`custom.networks.cfg_dropout_masks`) and the conditioning inputs as inferer kwargs.
+* :class:`GCDMTrainInferer` (a ``monai.inferers.Inferer``): ``z_t = scheduler.add_noise(z0, noise, t)`` and the
+  network call; :class:`~custom.networks.gcdm.GCDMNetwork` concatenates the (CFG-dropped) mask latent to ``z_t``
+  and builds the cross-attention tokens, so training, validation and sampling share one code path.
+* the loss is ``torch.nn.MSELoss`` between predicted and true noise (the target of the prepare batch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.engines import DiffusionPrepareBatch
+from monai.inferers import Inferer
+from monai.transforms import MapTransform
+from torch import nn
+
+from custom.engines.checkpoints import load_checkpoint, load_stage1, save_checkpoint
+from custom.errors import MammoInputError
+from custom.networks.conditioning import cfg_dropout_masks
+
+__all__ = [
+    "LATENT_DEFINITION",
+    "FrozenLatentEncoder",
+    "LatentCache",
+    "EncodeLatentsd",
+    "diffusion_dataset",
+    "GCDMPrepareBatch",
+    "GCDMTrainInferer",
+    "latest_checkpoint",
+    "file_digest",
+]
+
+logger = logging.getLogger(__name__)
+
+#: What a cached latent is; part of the cache key (change it when the definition changes).
+LATENT_DEFINITION = "scale_factor*z_mu/v1"
+#: What the network predicts (``monai.networks.schedulers`` prediction types); the schedulers must agree.
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+#: Conditioning inputs passed from the batch to the network: network argument -> batch key.
+DEFAULT_CONDITION_KEYS = {"features": "features", "lesion_masks": "lesion_masks", "lesion_present": "lesion_present"}
+
+
+def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """SHA-256 hex digest of a file's content."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _is_rank0() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class FrozenLatentEncoder(nn.Module):
+    """The frozen stage-1 autoencoder, as the latent encoder/decoder of stage 2.
+
+    Args:
+        autoencoder: a ``monai.networks.nets.AutoencoderKL`` built with the stage-1 configuration.
+        checkpoint: the stage-1 file (``{"autoencoder": state_dict, "scale_factor": tensor}``).
+        mask_channels: soft-mask channels to encode, each on its own (default all three).
+        map_location: where the checkpoint tensors are loaded.
+
+    Raises:
+        MammoInputError: the stage-1 checkpoint is missing (message names the file and says to train stage 1),
+            corrupt, or from an autoencoder of another configuration (shape mismatch listed).
+
+    Attributes:
+        scale_factor: latent scale factor from stage 1.
+        checkpoint_digest: SHA-256 of the checkpoint file (part of the latent-cache key).
+        latent_channels: channels of one encoded image.
+        mask_latent_channels: ``len(mask_channels) * latent_channels``.
+    """
+
+    def __init__(
+        self,
+        autoencoder: nn.Module,
+        checkpoint: str | os.PathLike,
+        mask_channels: Sequence[int] = (0, 1, 2),
+        map_location: str | torch.device = "cpu",
+    ) -> None:
+        super().__init__()
+        self.checkpoint = Path(checkpoint)
+        self.scale_factor = float(load_stage1(self.checkpoint, autoencoder, map_location=map_location))
+        self.checkpoint_digest = file_digest(self.checkpoint)
+        self.autoencoder = autoencoder.eval().requires_grad_(False)
+        self.mask_channels = [int(c) for c in mask_channels]
+        if not self.mask_channels or len(set(self.mask_channels)) != len(self.mask_channels):
+            raise ValueError(f"FrozenLatentEncoder: mask_channels must be distinct channel indices, got {mask_channels}")
+        self.latent_channels = int(getattr(autoencoder, "latent_channels", 0) or self._probe_latent_channels())
+        self.mask_latent_channels = len(self.mask_channels) * self.latent_channels
+
+    def _probe_latent_channels(self) -> int:
+        return int(self.autoencoder.quant_conv_mu.out_channels)
+
+    def train(self, mode: bool = True) -> "FrozenLatentEncoder":
+        """Always stays in eval mode (frozen)."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, H, W)`` image in ``[0, 1]`` -> ``(B, latent_channels, h, w)`` latent ``scale_factor * z_mu``."""
+        z_mu, _ = self.autoencoder.encode(image.float())
+        return z_mu * self.scale_factor
+
+    @torch.no_grad()
+    def encode_mask(self, soft_mask: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` soft mask -> ``(B, len(mask_channels) * latent_channels, h, w)``: every selected channel
+        encoded on its own (one batched call), latents concatenated in ``mask_channels`` order."""
+        if soft_mask.ndim != 4 or max(self.mask_channels) >= soft_mask.shape[1]:
+            raise ValueError(
+                f"FrozenLatentEncoder: soft mask (B, C, H, W) with channels {self.mask_channels} expected, got "
+                f"{tuple(soft_mask.shape)}"
+            )
+        sel = soft_mask[:, self.mask_channels]
+        b, c = sel.shape[:2]
+        z = self.encode(sel.reshape(b * c, 1, *sel.shape[2:]))
+        return z.reshape(b, c * z.shape[1], *z.shape[2:])
+
+    @torch.no_grad()
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Scaled latent -> image ``(B, 1, H, W)`` clamped to ``[0, 1]``."""
+        param = next(self.autoencoder.parameters())
+        return self.autoencoder.decode(latent.to(param.dtype) / self.scale_factor).clamp(0.0, 1.0)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.encode(image)
+
+
+class LatentCache:
+    """Per-case latents on disk, keyed by case id + stage-1 checkpoint digest + ``sigma`` + ``image_size``.
+
+    Args:
+        cache_dir: root folder; files go to ``<cache_dir>/<key>/<case_id>.pt``.
+        encoder: the :class:`FrozenLatentEncoder`.
+        sigma: soft-mask sigma (part of the key).
+        image_size: model image side (part of the key).
+        device: where encoding runs (default: the encoder's device).
+
+    Attributes:
+        key: the 16-hex-digit cache key; ``folder``: ``<cache_dir>/<key>``.
+        encoded / loaded: how many cases this object encoded / read from disk (a re-run encodes nothing).
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike,
+        encoder: FrozenLatentEncoder,
+        sigma: float,
+        image_size: int | None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        self.encoder = encoder
+        self.device = torch.device(device) if device is not None else next(encoder.parameters()).device
+        spec = {
+            "stage1_sha256": encoder.checkpoint_digest,
+            "sigma": float(sigma),
+            "image_size": None if image_size is None else int(image_size),
+            "mask_channels": encoder.mask_channels,
+            "latent_definition": LATENT_DEFINITION,
+        }
+        self.spec = spec
+        self.key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+        self.folder = Path(cache_dir) / self.key
+        self.encoded = 0
+        self.loaded = 0
+        self._lock = threading.Lock()
+
+    def path(self, case_id: str) -> Path:
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(case_id))
+        return self.folder / f"{safe}.pt"
+
+    def encode(self, item: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Encode one case (``image`` ``(1, S, S)``, ``soft_mask`` ``(3, S, S)``) -> CPU latents without batch dim."""
+        image = torch.as_tensor(item["image"]).unsqueeze(0).to(self.device)
+        soft = torch.as_tensor(item["soft_mask"]).unsqueeze(0).to(self.device)
+        with self._lock:  # one encoder forward at a time (CacheDataset may call from threads)
+            latent = self.encoder.encode(image)[0].cpu()
+            mask_latent = self.encoder.encode_mask(soft)[0].cpu()
+            self.encoded += 1
+        return {"latent": latent.contiguous(), "mask_latent": mask_latent.contiguous()}
+
+    def load(self, case_id: str) -> dict[str, torch.Tensor] | None:
+        """The cached latents of ``case_id``, or ``None`` when absent or unreadable (then re-encoded)."""
+        path = self.path(case_id)
+        if not path.is_file():
+            return None
+        try:
+            obj = load_checkpoint(path, what="cached latent")
+        except MammoInputError as err:
+            logger.warning("%s; encoding again", err)
+            return None
+        if not {"latent", "mask_latent"} <= set(obj) or obj["mask_latent"].shape[0] != self.encoder.mask_latent_channels:
+            logger.warning("%s: unexpected cached latent content; encoding again", path)
+            return None
+        with self._lock:
+            self.loaded += 1
+        return {"latent": obj["latent"], "mask_latent": obj["mask_latent"]}
+
+    def get(self, item: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Cached latents of ``item["case_id"]``; encoded and stored (atomically) when not cached yet."""
+        out = self.load(item["case_id"])
+        if out is None:
+            out = self.encode(item)
+            save_checkpoint(self.path(item["case_id"]), {**out, "case_id": str(item["case_id"]), **self.spec})
+        return out
+
+    def warm(self, data: Sequence[Mapping[str, Any]], transform: Any) -> int:
+        """Encode and store every case of ``data`` not cached yet (``transform`` loads image + soft mask).
+        Rank 0 encodes first under DDP, the other ranks wait. Returns the number of cases encoded here."""
+        before = self.encoded
+        if not _is_rank0():
+            _barrier()
+        else:
+            missing = [d for d in data if not self.path(d["case_id"]).is_file()]
+            if missing:
+                from tqdm.auto import tqdm
+
+                logger.info("latent cache %s: encoding %d of %d cases", self.folder, len(missing), len(data))
+                for d in tqdm(missing, desc="encode latents", leave=False, disable=len(missing) < 8):
+                    self.get(transform(dict(d)))
+            _barrier()
+        logger.info("latent cache %s: %d cases ready (%d encoded now)", self.folder, len(data), self.encoded - before)
+        return self.encoded - before
+
+
+class EncodeLatentsd(MapTransform):
+    """Add ``latent`` and ``mask_latent`` to an item from a :class:`LatentCache` (encoding when not cached)."""
+
+    def __init__(self, cache: LatentCache, case_key: str = "case_id") -> None:
+        super().__init__(keys=[case_key])
+        self.cache = cache
+        self.case_key = case_key
+
+    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        d = dict(data)
+        d.update(self.cache.get(d))
+        return d
+
+
+def diffusion_dataset(
+    data: Sequence[Mapping[str, Any]],
+    image_size: int | None,
+    sigma: float,
+    max_lesions: int,
+    latent_cache: LatentCache | None = None,
+    num_workers: int = 0,
+    keep_images: bool = False,
+    progress: bool = False,
+    extra_keys: Sequence[str] = (),
+):
+    """A ``monai.data.CacheDataset`` of prepared cases for stage 2 (every transform is deterministic, so the
+    whole item is computed once and held in memory).
+
+    With ``latent_cache`` the items carry ``latent`` / ``mask_latent`` from the disk cache (warmed first, rank 0
+    under DDP) and, unless ``keep_images``, not the ``image``/``soft_mask`` that training no longer needs.
+    Without it they carry ``image`` and ``soft_mask`` and the prepare batch encodes them per iteration. Items keep
+    only tensor fields (plus ``case_id`` and ``extra_keys``), so they collate.
+    """
+    from monai.data import CacheDataset
+    from monai.transforms import Compose, SelectItemsd
+
+    from custom.data.training import prepared_transforms
+
+    base = prepared_transforms(image_size=image_size, sigma=sigma, max_lesions=max_lesions)
+    # flat list: a nested Compose is Randomizable, and CacheDataset stops caching at the first Randomizable
+    xforms: list = list(base.transforms)
+    keep = ["case_id", "features", "lesion_masks", "lesion_present", *extra_keys]
+    if latent_cache is not None:
+        latent_cache.warm(data, base)
+        xforms.append(EncodeLatentsd(latent_cache))
+        keep += ["latent", "mask_latent"]
+    if latent_cache is None or keep_images:
+        keep += ["image", "soft_mask"]
+    xforms.append(SelectItemsd(keys=keep, allow_missing_keys=True))  # strings / None fields do not collate
+    items = [dict(d) for d in data]
+    return CacheDataset(items, transform=Compose(xforms), cache_rate=1.0, num_workers=num_workers or None, progress=progress)
+
+
+class GCDMPrepareBatch(DiffusionPrepareBatch):
+    """Batch -> ``(z0, noise_target, (), inferer_kwargs)`` for :class:`GCDMTrainInferer`.
+
+    Args:
+        num_train_timesteps: ``T`` of the training scheduler; timesteps are drawn uniformly from ``[0, T)``.
+        p_features, p_mask, p_both: CFG drop probabilities (mutually exclusive events, see
+            :func:`custom.networks.cfg_dropout_masks`).
+        encoder: a :class:`FrozenLatentEncoder` for batches without cached latents (``latent_cache: false``).
+        prediction_type: ``"epsilon"`` (default: the target is the noise), ``"v_prediction"`` or ``"sample"``; must
+            match the schedulers' ``prediction_type``.
+        scheduler: the training scheduler (needed for ``"v_prediction"``).
+        seed: ``None`` for training (global RNG, CFG dropout on). An integer gives *fixed* noise and timesteps per
+            case (a generator seeded by ``seed`` and the case id) and no CFG dropout: the validation setting, so the
+            validation noise-MSE is comparable between evaluations.
+        condition_keys: network argument -> batch key for the conditioning inputs (default features,
+            lesion_masks, lesion_present).
+        extra_keys: more network arguments taken from the batch (e.g. ``{"extra_concat": "masked_latent"}`` for
+            inpainting, ``{"clinical": "clinical_vector"}`` for a token source).
+
+    Inferer kwargs: ``noise``, ``timesteps``, ``mask_latent``, ``drop_features``, ``drop_mask`` and the condition
+    and extra keys. ``self.last_drops`` holds the last drawn ``(drop_features, drop_mask)``.
+    """
+
+    def __init__(
+        self,
+        num_train_timesteps: int,
+        p_features: float = 0.05,
+        p_mask: float = 0.05,
+        p_both: float = 0.05,
+        encoder: FrozenLatentEncoder | None = None,
+        seed: int | None = None,
+        condition_keys: Mapping[str, str] | None = None,
+        extra_keys: Mapping[str, str] | None = None,
+        prediction_type: str = "epsilon",
+        scheduler: Any | None = None,
+    ) -> None:
+        super().__init__(num_train_timesteps=num_train_timesteps, condition_name=None)
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"GCDMPrepareBatch: prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        if prediction_type == "v_prediction" and scheduler is None:
+            raise ValueError("GCDMPrepareBatch: prediction_type='v_prediction' needs the training scheduler")
+        self.prediction_type = prediction_type
+        self.scheduler = scheduler
+        self.p_features, self.p_mask, self.p_both = float(p_features), float(p_mask), float(p_both)
+        cfg_dropout_masks(0, self.p_features, self.p_mask, self.p_both)  # validates the probabilities
+        self.encoder = encoder
+        self.seed = seed
+        self.condition_keys = dict(DEFAULT_CONDITION_KEYS if condition_keys is None else condition_keys)
+        self.extra_keys = dict(extra_keys or {})
+        self.last_drops: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._generators: list[torch.Generator] | None = None
+
+    def _case_generators(self, batchdata: Mapping[str, Any], b: int) -> list[torch.Generator]:
+        ids = batchdata.get("case_id")
+        ids = list(ids) if ids is not None else [str(i) for i in range(b)]
+        return [torch.Generator().manual_seed(int(self.seed) * 1_000_003 + zlib.crc32(str(c).encode())) for c in ids]
+
+    def get_noise(self, images: torch.Tensor) -> torch.Tensor:
+        """Latent-shaped Gaussian noise (the input already is the latent); fixed per case when ``seed`` is set."""
+        if self._generators is None:
+            return torch.randn_like(images)
+        return torch.stack([torch.randn(images.shape[1:], generator=g) for g in self._generators]).to(images)
+
+    def get_timesteps(self, images: torch.Tensor) -> torch.Tensor:
+        if self._generators is None:
+            return super().get_timesteps(images)
+        t = [torch.randint(0, self.num_train_timesteps, (1,), generator=g) for g in self._generators]
+        return torch.cat(t).to(images.device)
+
+    def get_target(self, images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The regression target: the noise (``"epsilon"``), ``z0`` (``"sample"``) or the velocity
+        ``sqrt(a_t) * noise - sqrt(1 - a_t) * z0`` (``"v_prediction"``)."""
+        if self.prediction_type == "sample":
+            return images
+        if self.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(images, noise, timesteps)
+        return noise
+
+    def __call__(
+        self,
+        batchdata: dict[str, Any],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
+        def to(x: Any) -> Any:
+            return x.to(device=device, non_blocking=non_blocking, **kwargs) if isinstance(x, torch.Tensor) else x
+
+        if "latent" in batchdata:
+            z0, mask_latent = to(batchdata["latent"]), to(batchdata["mask_latent"])
+        elif self.encoder is not None:  # latent_cache: false -> encode on the fly
+            enc_device = next(self.encoder.parameters()).device
+            z0 = to(self.encoder.encode(batchdata["image"].to(enc_device)))
+            mask_latent = to(self.encoder.encode_mask(batchdata["soft_mask"].to(enc_device)))
+        else:
+            raise ValueError(
+                "GCDMPrepareBatch: the batch has no 'latent' (latent cache off?) and no encoder was given to encode it"
+            )
+        z0 = torch.as_tensor(z0).float()
+        b = z0.shape[0]
+        self._generators = self._case_generators(batchdata, b) if self.seed is not None else None
+        try:
+            noise = self.get_noise(z0)
+            timesteps = self.get_timesteps(z0)
+        finally:
+            self._generators = None
+        target = self.get_target(z0, noise, timesteps)
+        if self.seed is None:
+            drop_features, drop_mask = cfg_dropout_masks(b, self.p_features, self.p_mask, self.p_both, device=z0.device)
+        else:
+            drop_features = drop_mask = torch.zeros(b, dtype=torch.bool, device=z0.device)
+        self.last_drops = (drop_features, drop_mask)
+        infer_kwargs: dict[str, Any] = {
+            "noise": noise,
+            "timesteps": timesteps,
+            "mask_latent": mask_latent,
+            "drop_features": drop_features,
+            "drop_mask": drop_mask,
+        }
+        for arg, key in {**self.condition_keys, **self.extra_keys}.items():
+            if key not in batchdata:
+                raise KeyError(f"GCDMPrepareBatch: batch key {key!r} (network argument {arg!r}) missing; has {sorted(batchdata)}")
+            infer_kwargs[arg] = to(batchdata[key])
+        return z0, target, (), infer_kwargs
+
+
+class GCDMTrainInferer(Inferer):
+    """Training/validation inferer: ``z_t = scheduler.add_noise(z0, noise, t)``, then the network's prediction
+    ``network(z_t, t, mask_latent=..., features=..., ...)`` (the network concatenates the mask latent and builds the
+    cross-attention context, see :class:`~custom.networks.gcdm.GCDMNetwork`).
+
+    Args:
+        scheduler: the training scheduler (``monai.networks.schedulers.DDPMScheduler``).
+        prediction_type: what the network predicts (``"epsilon"``, ``"v_prediction"``, ``"sample"``).
+        return_noise: convert the prediction into the implied noise ``eps_hat`` (for ``"v_prediction"``:
+            ``sqrt(a_t) * v + sqrt(1 - a_t) * z_t``; for ``"sample"``: ``(z_t - sqrt(a_t) * x0) / sqrt(1 - a_t)``):
+            the validation inferer, so that the validation metric is the noise MSE whatever the training target.
+    """
+
+    def __init__(self, scheduler: nn.Module, prediction_type: str = "epsilon", return_noise: bool = False) -> None:
+        super().__init__()
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"GCDMTrainInferer: prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        self.scheduler = scheduler
+        self.prediction_type = prediction_type
+        self.return_noise = bool(return_noise)
+
+    def __call__(  # type: ignore[override]
+        self, inputs: torch.Tensor, network: nn.Module, noise: torch.Tensor, timesteps: torch.Tensor, *args: Any, **cond: Any
+    ) -> torch.Tensor:
+        z_t = self.scheduler.add_noise(original_samples=inputs, noise=noise, timesteps=timesteps)
+        pred = network(z_t, timesteps, *args, **cond)
+        if not self.return_noise or self.prediction_type == "epsilon":
+            return pred
+        a = self.scheduler.alphas_cumprod.to(device=z_t.device, dtype=torch.float32)[timesteps.to(z_t.device)]
+        a = a.view(-1, *([1] * (z_t.ndim - 1)))
+        pred, z_t = pred.float(), z_t.float()
+        if self.prediction_type == "v_prediction":
+            return a.sqrt() * pred + (1 - a).sqrt() * z_t
+        return (z_t - a.sqrt() * pred) / (1 - a).sqrt()
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike, pattern: str = "checkpoint*.pt") -> str | None:
+    """The newest training checkpoint in ``ckpt_dir`` (by modification time, then name), or ``None``."""
+    folder = Path(ckpt_dir)
+    files = [p for p in folder.glob(pattern) if p.is_file()] if folder.is_dir() else []
+    if not files:
+        return None
+    return str(max(files, key=lambda p: (p.stat().st_mtime_ns, p.name)))
+
+
+def resume_checkpoint(ckpt_dir: str | os.PathLike, resume: bool | str | None) -> str | None:
+    """Checkpoint to resume from: ``resume`` False/None -> None; True -> :func:`latest_checkpoint` (error when
+    there is none); a path -> that file (error when missing)."""
+    if not resume:
+        return None
+    if isinstance(resume, (str, os.PathLike)) and str(resume).lower() not in ("true", "latest"):
+        if not Path(resume).is_file():
+            raise MammoInputError(resume, "resume checkpoint not found")
+        return str(resume)
+    path = latest_checkpoint(ckpt_dir)
+    if path is None:
+        raise MammoInputError(ckpt_dir, "resume requested but the folder holds no checkpoint*.pt")
+    return path

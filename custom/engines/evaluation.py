@@ -1,0 +1,637 @@
+"""The ``evaluate`` workflow: generate for every test condition, then measure (``bundle/configs/evaluate.json``).
+
+Generation reuses the inference engine (``SupervisedEvaluator`` + :class:`~custom.engines.inference.GCDMSamplingInferer`)
+on the prepared test split: one sample per test mask (seed ``seed``) and ``diversity_samples`` samples (seeds
+``seed .. seed + diversity_samples - 1``) for the first ``diversity_cases`` conditions with a lesion. Then
+:class:`EvaluationReport` computes, with :mod:`custom.metrics`:
+
+* **controllability** (the GCDM protocol): each generated image is segmented - breast by threshold + largest
+  component, lesion by the trained segmenter ``models/segmenter.pt`` (inside the dilated ground-truth lesion box with
+  ``lesion_roi="box"``, the analogue of MedSAM's box prompt) - and ONE 3-class confusion matrix is pooled over the set
+  -> Mass IoU, Breast IoU, pixel accuracy; plus the per-image lesion Dice (mean / std);
+* the same protocol on the **real** test images: the ceiling this segmenter allows;
+* **FRD** (radiomics of the lesions, real vs generated at the conditioned lesion masks);
+* a **feature distance**: FID only with a local feature network file (``fid_network``), otherwise FSD, the Fréchet
+  distance of the segmenter's encoder features (a different number: never called FID);
+* **diversity**: mean pairwise MS-SSIM among the samples of one condition (lower = more diverse);
+* **stage-1 reconstruction** SSIM / PSNR of the test images.
+
+Outputs (every file written atomically) in ``output_dir`` (``<results_dir>/<run_label>``): ``metrics.json``,
+``report.md`` (metric table, figure grid, ablation table, the σ trade-off plot when several σ rows exist),
+``figure_grid.png`` (mask | generated | real), ``generated/`` PNGs; and one row per run in
+``<results_dir>/ablations.json`` (rows keyed by run label, so ``--sigma`` / ``--conditioning_mode`` / ``--ckpt_dir``
+runs collect side by side). On phantom data every report carries :data:`PHANTOM_CAVEAT`.
+
+**σ honesty.** The soft-mask σ at evaluation must be the σ the model was trained with. A σ row of the sweep is only
+a real sweep point when its model was trained with that σ (``--ckpt_dir`` pointing at it); evaluating one model
+with another σ measures robustness to a σ mismatch, and such rows are flagged (``sigma_matches_training: false``)
+and drawn hollow in the plot.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from custom.engines.inference import CaseSet, _file_sha256, _rows, as_bool, datalist_cases
+from custom.errors import MammoInputError
+from custom.io import atomic_path, atomic_write_json, atomic_write_text
+
+__all__ = [
+    "PHANTOM_CAVEAT",
+    "PROTOCOL_NOTE",
+    "is_phantom",
+    "run_label",
+    "evaluation_cases",
+    "lesion_rois",
+    "SampleCollector",
+    "EvaluationReport",
+    "update_ablations",
+    "format_metric_table",
+]
+
+logger = logging.getLogger(__name__)
+
+PHANTOM_CAVEAT = ("phantom (synthetic) data: these numbers say the pipeline works, not how GCDM performs on real "
+                  "mammograms; not comparable to the paper's VinDr-Mammo figures")
+PROTOCOL_NOTE = ("Protocol differences from the paper: the lesion of a generated image is found by this bundle's "
+                 "segmenter (trained on the prepared training split) instead of MedSAM; the feature distance is FID "
+                 "only with a local Inception-type network file, otherwise FSD (segmenter-encoder features), which is "
+                 "not comparable with FID values; fractions are in [0, 1], the paper prints percentages.")
+SIGMA_NOTE = ("The soft-mask sigma must be the sigma the model was trained with: a sigma sweep needs one model "
+              "trained per sigma (--ckpt_dir). Rows whose sigma differs from the model's training sigma measure "
+              "robustness to a sigma mismatch, not the sweep, and are flagged.")
+ABLATIONS_FORMAT = "mammo_gcdm/evaluation-ablations"
+
+
+# ---------------------------------------------------------------------------------------------------- setup
+def is_phantom(prepared_dir: str | os.PathLike, setting: Any = "auto") -> bool:
+    """Whether the prepared data come from the embedded phantom: ``setting`` true/false, or ``"auto"``: the
+    ``dataset_dir`` of ``summary.json`` holds ``PHANTOM_README.txt``, or the first source DICOMs were written by the
+    phantom generator (Manufacturer)."""
+    if not (isinstance(setting, str) and setting.strip().lower() == "auto"):
+        return as_bool(setting)
+    from custom.data.phantom import PHANTOM_MANUFACTURER, PHANTOM_README_NAME
+
+    root = Path(prepared_dir)
+    try:
+        summary = json.loads((root / "summary.json").read_text())
+        dataset_dir = Path(summary.get("dataset_dir", ""))
+        if not dataset_dir.is_absolute() and not dataset_dir.exists():
+            dataset_dir = root.parent / dataset_dir.name
+        if (dataset_dir / PHANTOM_README_NAME).is_file():
+            return True
+    except (OSError, ValueError):
+        pass
+    try:
+        import pydicom
+
+        for record in sorted((root / "records").glob("*.json"))[:3]:
+            src = json.loads(record.read_text()).get("source_image")
+            if src and Path(src).is_file() and not str(src).lower().endswith(".png"):
+                ds = pydicom.dcmread(src, stop_before_pixels=True)
+                if str(ds.get("Manufacturer", "")) == PHANTOM_MANUFACTURER:
+                    return True
+    except Exception:  # noqa: BLE001 - unreadable headers just mean "not recognisably phantom"
+        pass
+    return False
+
+
+def run_label(conditioning_mode: str, sigma: float, label: str | None = None, ckpt_dir: str | os.PathLike | None = None,
+              default_ckpt_dir: str | os.PathLike | None = None) -> str:
+    """Row label of a run: ``label`` when given, else ``<conditioning_mode>_sigma<σ>`` (e.g. ``gated_sigma1.5``),
+    plus ``_<model folder name>`` when ``ckpt_dir`` is not the bundle's default model folder (so a model trained
+    with another σ, ``--ckpt_dir runs/models_sigma2.0``, gets its own row instead of replacing the default one)."""
+    if label not in (None, "", "None", "null"):
+        return str(label)
+    out = f"{conditioning_mode}_sigma{float(sigma):g}"
+    if ckpt_dir and default_ckpt_dir and Path(ckpt_dir).resolve() != Path(default_ckpt_dir).resolve():
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in Path(ckpt_dir).resolve().name)
+        out += f"_{safe}"
+    return out
+
+
+def evaluation_cases(
+    prepared_dir: str | os.PathLike,
+    split: str,
+    image_size: int,
+    sigma: float,
+    max_lesions: int,
+    seed: int = 0,
+    max_cases: int | None = None,
+    diversity_cases: int = 3,
+    diversity_samples: int = 4,
+    normaliser_file: str | os.PathLike | None = None,
+) -> CaseSet:
+    """The test cases with their real image (``extra``): one seed each, ``diversity_samples`` seeds for the first
+    ``diversity_cases`` cases with a lesion (their first sample is the one the controllability metrics use)."""
+    n_div = [0]
+    extra = max(1, int(diversity_samples)) if int(diversity_cases) > 0 else 1
+
+    def seeds_for(_i: int, item: Mapping[str, Any]) -> list[int]:
+        if item.get("num_lesions", 0) > 0 and n_div[0] < int(diversity_cases) and extra > 1:
+            n_div[0] += 1
+            return [int(seed) + j for j in range(extra)]
+        return [int(seed)]
+
+    return datalist_cases(prepared_dir, split, image_size=image_size, sigma=sigma, max_lesions=max_lesions,
+                          normaliser_file=normaliser_file, seeds=[int(seed)], max_cases=max_cases, keep_real=True,
+                          seeds_for=seeds_for)
+
+
+def lesion_rois(instances: np.ndarray, margin: float = 0.25, min_margin: int = 2) -> np.ndarray:
+    """Per image, the union of the ground-truth lesion boxes, each grown by ``margin`` x its side (at least
+    ``min_margin`` pixels): ``(N, H, W)`` bool, all False without a lesion (no box, no lesion - like a box prompt)."""
+    inst = np.asarray(instances)
+    out = np.zeros(inst.shape, dtype=bool)
+    h, w = inst.shape[1:]
+    for i in range(inst.shape[0]):
+        for k in np.unique(inst[i]):
+            if k == 0:
+                continue
+            rows, cols = np.nonzero(inst[i] == k)
+            y0, y1, x0, x1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+            my = max(int(min_margin), int(round(margin * (y1 - y0))))
+            mx = max(int(min_margin), int(round(margin * (x1 - x0))))
+            out[i, max(0, y0 - my) : min(h, y1 + my), max(0, x0 - mx) : min(w, x1 + mx)] = True
+    return out
+
+
+class SampleCollector:
+    """Keep every generated image in memory: ``images[(case name, seed)] = (S, S) float32``."""
+
+    def __init__(self) -> None:
+        self.images: dict[tuple[str, int], np.ndarray] = {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        for case, _j, seed, image in _rows(engine):
+            self.images[(case.name, int(seed))] = image.numpy().astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------- ablations
+def update_ablations(path: str | os.PathLike, row: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Insert (or replace, by ``label``) ``row`` in ``ablations.json`` (written atomically). Returns all rows."""
+    path = Path(path)
+    rows: list[dict[str, Any]] = []
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            rows = [r for r in data.get("rows", []) if isinstance(r, dict)]
+        except (OSError, ValueError) as err:
+            logger.warning("%s unreadable (%s): starting a new ablation table", path, err)
+    rows = [r for r in rows if r.get("label") != row.get("label")] + [_finite(json.loads(json.dumps(dict(row), default=_json_default)))]
+    atomic_write_json(path, {"format": ABLATIONS_FORMAT, "format_version": 1, "rows": rows})
+    return rows
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        return "n/a" if not math.isfinite(float(v)) else f"{float(v):.{digits}g}"
+    return str(v)
+
+
+def _metric_rows(m: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """(metric, generated, real-image ceiling / note) rows of the headline table."""
+    s = m["metrics"]
+    fd_name = s.get("feature_distance_name") or "fsd"
+    fd_label = "FID (local feature network)" if fd_name == "fid" else "FSD (segmenter-encoder Fréchet distance; not FID)"
+    dice = f"{_fmt(s.get('mass_dice_mean'))} ± {_fmt(s.get('mass_dice_std'))}"
+    cdice = f"{_fmt(s.get('ceiling_mass_dice_mean'))} ± {_fmt(s.get('ceiling_mass_dice_std'))}"
+    return [
+        ("Mass IoU (pooled)", _fmt(s.get("mass_iou")), _fmt(s.get("ceiling_mass_iou"))),
+        ("Breast IoU (pooled)", _fmt(s.get("breast_iou")), _fmt(s.get("ceiling_breast_iou"))),
+        ("Pixel accuracy (pooled)", _fmt(s.get("pixel_accuracy")), _fmt(s.get("ceiling_pixel_accuracy"))),
+        ("Mass Dice per image (mean ± std)", dice, cdice),
+        ("FRD (lesion radiomics, lower better)", _fmt(s.get("frd")), "0 (real vs real)"),
+        (fd_label, _fmt(s.get("feature_distance")), "0 (real vs real)"),
+        ("MS-SSIM diversity (lower = more diverse)", _fmt(s.get("ms_ssim")), ""),
+        ("Stage-1 reconstruction SSIM / PSNR (dB)", f"{_fmt(s.get('recon_ssim'))} / {_fmt(s.get('recon_psnr'))}", ""),
+    ]
+
+
+def format_metric_table(metrics: Mapping[str, Any]) -> str:
+    """Plain-text metric table (what the run prints at the end)."""
+    rows = [("metric", "generated", "segmenter on real (ceiling)")] + _metric_rows(metrics)
+    widths = [max(len(r[c]) for r in rows) for c in range(3)]
+    lines = ["  ".join(r[c].ljust(widths[c]) for c in range(3)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- the report
+class EvaluationReport:
+    """Compute the metrics of the generated set and write ``metrics.json``, ``report.md``, the figures and the
+    ablation row (see the module docstring). Call :meth:`run` after the generation engine has run.
+
+    Args:
+        collector: the :class:`SampleCollector` filled by the generation engine.
+        cases: the :class:`~custom.engines.inference.CaseSet` of :func:`evaluation_cases`.
+        encoder: the frozen stage-1 autoencoder (reconstruction metrics).
+        segmenter: the lesion segmenter (:func:`custom.metrics.load_segmenter`).
+        output_dir, results_dir: this run's folder and the folder of ``ablations.json``.
+        label: the run label (ablation row key).
+        settings: recorded in ``metrics.json`` (sigma, conditioning_mode, ddim_steps, ...).
+        model_check: :func:`custom.engines.inference.check_model_info` result (training sigma etc.).
+        phantom: print the phantom caveat.
+        lesion_roi: ``"box"`` (lesion predictions only inside the grown ground-truth boxes) or ``"none"``.
+        roi_margin, lesion_threshold: see :func:`lesion_rois` / :func:`custom.metrics.segment_generated`.
+        fid_network, fid_in_channels, fid_input_size, fid_input_range: the FID feature network file and its
+            preprocessing; ``None``: FSD with the segmenter encoder.
+        frd_region: ``"lesion"`` or ``"breast"``.
+        params_file: PyRadiomics parameters.
+        figure_cases: rows of the figure grid.
+        device: where the networks run.
+    """
+
+    def __init__(
+        self,
+        collector: SampleCollector,
+        cases: CaseSet,
+        encoder: torch.nn.Module,
+        segmenter: torch.nn.Module,
+        output_dir: str | os.PathLike,
+        results_dir: str | os.PathLike,
+        label: str,
+        settings: Mapping[str, Any] | None = None,
+        model_check: Mapping[str, Any] | None = None,
+        phantom: bool = True,
+        lesion_roi: str = "box",
+        roi_margin: float = 0.25,
+        lesion_threshold: float = 0.5,
+        fid_network: str | None = None,
+        fid_in_channels: int = 3,
+        fid_input_size: int | None = 299,
+        fid_input_range: str = "imagenet",
+        frd_region: str = "lesion",
+        params_file: str | os.PathLike | None = None,
+        figure_cases: int = 6,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if str(lesion_roi).lower() not in ("box", "none"):
+            raise MammoInputError("lesion_roi", f"use 'box' or 'none', got {lesion_roi!r}")
+        self.collector, self.cases, self.encoder, self.segmenter = collector, cases, encoder, segmenter
+        self.output_dir, self.results_dir = Path(output_dir), Path(results_dir)
+        self.label = str(label)
+        self.settings = dict(settings or {})
+        self.model_check = dict(model_check or {})
+        self.phantom = as_bool(phantom)
+        self.lesion_roi = str(lesion_roi).lower()
+        self.roi_margin, self.lesion_threshold = float(roi_margin), float(lesion_threshold)
+        self.fid = None if fid_network in (None, "", "None", "null") else str(fid_network)
+        self.fid_prep = {"in_channels": int(fid_in_channels), "input_size": fid_input_size, "input_range": fid_input_range}
+        self.frd_region = frd_region
+        self.params_file = params_file
+        self.figure_cases = int(figure_cases)
+        self.device = device
+        self.metrics: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ data
+    def _arrays(self) -> dict[str, Any]:
+        cases = self.cases.cases
+        missing = [c.name for c in cases if (c.name, c.seeds[0]) not in self.collector.images]
+        if missing:
+            raise RuntimeError(f"no generated image for {len(missing)} case(s), e.g. {missing[0]}: did generation run?")
+        gen = np.stack([self.collector.images[(c.name, c.seeds[0])] for c in cases])[:, None]
+        real = np.stack([c.extra["real_image"] for c in cases])[:, None]
+        labels = np.stack([c.conditions.label for c in cases]).astype(np.int64)
+        inst = np.stack([c.extra["instances"] for c in cases])
+        return {"gen": gen, "real": real, "labels": labels, "instances": inst}
+
+    # ------------------------------------------------------------------ metrics
+    def compute(self) -> dict[str, Any]:
+        from custom.metrics import (
+            FeatureDistance,
+            controllability_metrics,
+            frd_metrics,
+            ms_ssim_diversity,
+            reconstruction_metrics,
+        )
+        from custom.metrics.segmenter import lesion_probability
+
+        seconds: dict[str, float] = {}
+        a = self._arrays()
+        gen_t, real_t = torch.from_numpy(a["gen"]), torch.from_numpy(a["real"])
+        rois = lesion_rois(a["instances"], self.roi_margin) if self.lesion_roi == "box" else None
+
+        t0 = time.time()
+        prob_gen = lesion_probability(self.segmenter, gen_t, device=self.device)
+        prob_real = lesion_probability(self.segmenter, real_t, device=self.device)
+        roi_list = None if rois is None else list(rois)
+        control = controllability_metrics(gen_t, prob_gen, a["labels"], threshold=self.lesion_threshold, rois=roi_list)
+        ceiling = controllability_metrics(real_t, prob_real, a["labels"], threshold=self.lesion_threshold, rois=roi_list)
+        seconds["controllability"] = time.time() - t0
+
+        t0 = time.time()
+        frd_kwargs = {"region": self.frd_region}
+        if self.params_file:
+            frd_kwargs["params_file"] = self.params_file
+        masks = a["instances"] if self.frd_region == "lesion" else None
+        frd = frd_metrics(a["real"], masks, a["gen"], masks, **frd_kwargs)
+        seconds["frd"] = time.time() - t0
+
+        t0 = time.time()
+        if len(self.cases.cases) >= 2:
+            fd = FeatureDistance(feature_network=self.fid, segmenter=self.segmenter, device=self.device,
+                                 **(self.fid_prep if self.fid else {}))
+            feature = fd(real_t, gen_t)
+            feature["name"] = fd.name
+            feature["value"] = feature[fd.name]
+        else:
+            feature = {"name": "fid" if self.fid else "fsd", "value": None, "note": "needs at least 2 images per set"}
+        seconds["feature_distance"] = time.time() - t0
+
+        t0 = time.time()
+        per_condition = []
+        for c in self.cases.cases:
+            if len(c.seeds) >= 2:
+                samples = np.stack([self.collector.images[(c.name, s)] for s in c.seeds])[:, None]
+                per_condition.append({"case": c.name, "n_samples": len(c.seeds), **ms_ssim_diversity(samples)})
+        diversity = {
+            "ms_ssim_mean": float(np.mean([d["ms_ssim_mean"] for d in per_condition])) if per_condition else None,
+            "n_conditions": len(per_condition),
+            "n_samples_per_condition": per_condition[0]["n_samples"] if per_condition else 0,
+            "per_condition": per_condition,
+        }
+        seconds["diversity"] = time.time() - t0
+
+        t0 = time.time()
+        with torch.no_grad():
+            dev = next(self.encoder.parameters()).device
+            recon = torch.cat([self.encoder.decode(self.encoder.encode(real_t[i : i + 16].to(dev))).cpu()
+                               for i in range(0, real_t.shape[0], 16)])
+        reconstruction = reconstruction_metrics(recon, real_t)
+        seconds["reconstruction"] = time.time() - t0
+
+        info = self.model_check.get("info", {}) or {}
+        sigma_trained = info.get("sigma")
+        sigma = self.settings.get("sigma")
+        sigma_match = None if sigma_trained is None or sigma is None else math.isclose(float(sigma), float(sigma_trained))
+        summary = {
+            "mass_iou": control["mass_iou"],
+            "breast_iou": control["breast_iou"],
+            "pixel_accuracy": control["pixel_accuracy"],
+            "mass_dice_mean": control["mass_dice_mean"],
+            "mass_dice_std": control["mass_dice_std"],
+            "ceiling_mass_iou": ceiling["mass_iou"],
+            "ceiling_breast_iou": ceiling["breast_iou"],
+            "ceiling_pixel_accuracy": ceiling["pixel_accuracy"],
+            "ceiling_mass_dice_mean": ceiling["mass_dice_mean"],
+            "ceiling_mass_dice_std": ceiling["mass_dice_std"],
+            "frd": frd["frd"],
+            "feature_distance": feature["value"],
+            "feature_distance_name": feature["name"],
+            "ms_ssim": diversity["ms_ssim_mean"],
+            "recon_ssim": reconstruction["ssim_mean"],
+            "recon_psnr": reconstruction["psnr_mean"],
+        }
+        self.metrics = {
+            "format": "mammo_gcdm/evaluation",
+            "format_version": 1,
+            "label": self.label,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "phantom": self.phantom,
+            "caveat": PHANTOM_CAVEAT if self.phantom else None,
+            "protocol_note": PROTOCOL_NOTE,
+            "sigma_note": SIGMA_NOTE,
+            "metrics": summary,
+            "settings": {
+                **self.settings,
+                "sigma_trained": sigma_trained,
+                "sigma_matches_training": sigma_match,
+                "conditioning_mode_trained": info.get("conditioning_mode"),
+                "stage1_matches_model": self.model_check.get("stage1_matches"),
+                "n_cases": len(self.cases.cases),
+                "n_skipped": len(self.cases.skipped),
+                "n_generated": len(self.collector.images),
+                "lesion_roi": self.lesion_roi,
+                "roi_margin": self.roi_margin,
+                "lesion_threshold": self.lesion_threshold,
+            },
+            "controllability": control,
+            "segmenter_ceiling": ceiling,
+            "frd": frd,
+            "feature_distance": feature,
+            "diversity": diversity,
+            "reconstruction": reconstruction,
+            "skipped": self.cases.skipped,
+            "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        }
+        return self.metrics
+
+    # ------------------------------------------------------------------ figures
+    def _figure_grid(self, path: Path) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from custom.engines.handlers import soft_mask_rgb
+
+        cases = sorted(self.cases.cases, key=lambda c: c.conditions.num_lesions == 0)[: max(1, self.figure_cases)]
+        n = len(cases)
+        fig, axes = plt.subplots(n, 3, figsize=(6.6, 2.2 * n + 0.9), squeeze=False)
+        for r, c in enumerate(cases):
+            tiles = [soft_mask_rgb(torch.from_numpy(c.extra["soft_mask"])).permute(1, 2, 0).numpy(),
+                     self.collector.images[(c.name, c.seeds[0])], c.extra["real_image"]]
+            for col, tile in enumerate(tiles):
+                ax = axes[r, col]
+                ax.imshow(np.clip(tile, 0, 1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if r == 0:
+                    ax.set_title(("mask (breast grey, lesion red)", f"generated (seed {c.seeds[0]})", "real")[col],
+                                 fontsize=8)
+            axes[r, 0].set_ylabel(c.name[:12], fontsize=7)
+        foot = PHANTOM_CAVEAT if self.phantom else "GCDM evaluation"
+        fig.text(0.5, 0.005, "\n".join(_wrap(foot, 95)), ha="center", va="bottom", fontsize=6.5, color="darkred")
+        fig.tight_layout(rect=(0, min(0.3, 0.45 / fig.get_figheight()), 1, 1))
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        return path
+
+    def _sigma_plot(self, rows: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
+        mode = self.settings.get("conditioning_mode")
+        pts = [r for r in rows if r.get("conditioning_mode") == mode and r.get("sigma") is not None]
+        if len({float(r["sigma"]) for r in pts}) < 2:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        pts = sorted(pts, key=lambda r: float(r["sigma"]))
+        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(5.5, 5.2), sharex=True)
+        for ax, key, color, name in ((ax1, "mass_iou", "tab:blue", "Mass IoU (higher better)"),
+                                     (ax2, "frd", "tab:red", "FRD (lower better)")):
+            for matched in (True, False):
+                sel = [r for r in pts if bool(r.get("sigma_matches_training")) == matched and r.get(key) is not None]
+                if not sel:
+                    continue
+                xs, ys = [float(r["sigma"]) for r in sel], [float(r[key]) for r in sel]
+                ax.plot(xs, ys, "-o" if matched else "o", color=color, mfc=color if matched else "white",
+                        label="model trained with this σ" if matched else "σ ≠ the model's training σ")
+            ax.set_ylabel(name, color=color, fontsize=8)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="best")
+        ax2.set_xlabel("soft-mask σ (model pixels)")
+        ax1.set_title(f"σ trade-off ({mode} conditioning)", fontsize=9)
+        foot = ("hollow: evaluated with a σ other than the model's training σ. "
+                + (PHANTOM_CAVEAT if self.phantom else ""))
+        fig.text(0.5, 0.005, "\n".join(_wrap(foot, 100)), ha="center", va="bottom", fontsize=6, color="darkred")
+        fig.tight_layout(rect=(0, 0.11, 1, 1))
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        return path
+
+    # ------------------------------------------------------------------ writing
+    def ablation_row(self) -> dict[str, Any]:
+        m, s = self.metrics["metrics"], self.metrics["settings"]
+        return {
+            "label": self.label,
+            "sigma": s.get("sigma"),
+            "sigma_trained": s.get("sigma_trained"),
+            "sigma_matches_training": s.get("sigma_matches_training"),
+            "conditioning_mode": s.get("conditioning_mode"),
+            "ckpt_dir": s.get("ckpt_dir"),
+            "model_sha256": s.get("model_sha256"),
+            "ddim_steps": s.get("ddim_steps"),
+            "n_cases": s.get("n_cases"),
+            "mass_iou": m["mass_iou"],
+            "breast_iou": m["breast_iou"],
+            "pixel_accuracy": m["pixel_accuracy"],
+            "mass_dice_mean": m["mass_dice_mean"],
+            "frd": m["frd"],
+            "feature_distance": m["feature_distance"],
+            "feature_distance_name": m["feature_distance_name"],
+            "ms_ssim": m["ms_ssim"],
+            "phantom": self.phantom,
+            "created": self.metrics["created"],
+        }
+
+    def _report(self, rows: Sequence[Mapping[str, Any]], figure: str, sigma_plot: str | None) -> str:
+        m, s = self.metrics, self.metrics["settings"]
+        lines = [f"# GCDM evaluation: {self.label}", ""]
+        if self.phantom:
+            lines += [f"> **Caveat — {PHANTOM_CAVEAT}.**", ""]
+        lines += ["## Setup", "", "| setting | value |", "| --- | --- |"]
+        for key in ("split", "n_cases", "n_skipped", "n_generated", "conditioning_mode", "sigma", "sigma_trained",
+                    "sigma_matches_training", "image_size", "ddim_steps", "guidance_scale", "seed", "diversity_samples",
+                    "lesion_roi", "model_file", "model_sha256", "ckpt_dir", "segmenter_file"):
+            if key in s:
+                lines.append(f"| {key} | {_fmt(s[key]) if not isinstance(s[key], str) else s[key]} |")
+        if s.get("ddim_steps_note"):
+            lines += ["", f"_{s['ddim_steps_note']}_"]
+        lines += ["", "## Metrics", "", "| metric | generated | segmenter on real images (ceiling) |", "| --- | --- | --- |"]
+        lines += [f"| {a} | {b} | {c} |" for a, b, c in _metric_rows(m)]
+        cm = m["controllability"].get("confusion_matrix")
+        if cm:
+            lines += ["", "Pooled confusion matrix of the generated set (rows = condition label, columns = segmented "
+                          "class; background, breast, lesion):", "", "```"] + [" ".join(f"{v:>8d}" for v in r) for r in cm] + ["```"]
+        lines += ["", "## Figure", "", f"![mask, generated, real]({figure})", "",
+                  "Columns: the conditioning mask (breast grey, blurred lesion red) | the generated image | the real "
+                  "image the mask was drawn from.", ""]
+        if len(rows) > 1 or sigma_plot:
+            lines += ["## Ablations", "", "| run | conditioning | σ | σ trained | cases | DDIM steps | Mass IoU | Breast IoU | "
+                      "pixel acc. | FRD | feature dist. | MS-SSIM |",
+                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            for r in rows:
+                flag = "" if r.get("sigma_matches_training") in (True, None) else " ⚠"
+                lines.append(f"| {r.get('label')} | {r.get('conditioning_mode')} | {_fmt(r.get('sigma'))}{flag} | "
+                             f"{_fmt(r.get('sigma_trained'))} | {_fmt(r.get('n_cases'))} | {_fmt(r.get('ddim_steps'))} | "
+                             f"{_fmt(r.get('mass_iou'))} | {_fmt(r.get('breast_iou'))} | "
+                             f"{_fmt(r.get('pixel_accuracy'))} | {_fmt(r.get('frd'))} | "
+                             f"{_fmt(r.get('feature_distance'))} ({r.get('feature_distance_name')}) | {_fmt(r.get('ms_ssim'))} |")
+            lines += ["", f"⚠ = {SIGMA_NOTE}", ""]
+            if sigma_plot:
+                lines += [f"![Mass IoU and FRD vs sigma]({sigma_plot})", ""]
+        lines += ["## Notes", "", f"- {PROTOCOL_NOTE}", f"- {SIGMA_NOTE}",
+                  f"- Timings (s): {', '.join(f'{k} {v}' for k, v in m['seconds'].items())}."]
+        if self.phantom:
+            lines += ["", f"**{PHANTOM_CAVEAT}.**"]
+        return "\n".join(lines) + "\n"
+
+    def write(self) -> dict[str, Path]:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        paths = {"figure": self._figure_grid(self.output_dir / "figure_grid.png")}
+        rows = update_ablations(self.results_dir / "ablations.json", self.ablation_row())
+        paths["ablations"] = self.results_dir / "ablations.json"
+        sigma_plot = self._sigma_plot(rows, self.output_dir / "sigma_tradeoff.png")
+        if sigma_plot is not None:
+            paths["sigma_plot"] = sigma_plot
+        self.metrics["outputs"] = {k: str(v) for k, v in paths.items()}
+        self.metrics["outputs"]["report"] = str(self.output_dir / "report.md")
+        self.metrics["outputs"]["metrics"] = str(self.output_dir / "metrics.json")
+        paths["metrics"] = atomic_write_json(self.output_dir / "metrics.json",
+                                             _finite(json.loads(json.dumps(self.metrics, default=_json_default))))
+        paths["report"] = atomic_write_text(self.output_dir / "report.md",
+                                            self._report(rows, "figure_grid.png", sigma_plot.name if sigma_plot else None))
+        return paths
+
+    def run(self) -> dict[str, Any]:
+        """Compute, write, and print the metric table and the output paths."""
+        self.compute()
+        paths = self.write()
+        text = [f"evaluation {self.label}: {self.metrics['settings']['n_cases']} test case(s), "
+                f"{self.metrics['settings']['n_generated']} generated image(s)", "", format_metric_table(self.metrics), ""]
+        if self.phantom:
+            text += [f"NOTE: {PHANTOM_CAVEAT}", ""]
+        if self.metrics["settings"].get("sigma_matches_training") is False:
+            text += [f"WARNING: sigma {self.metrics['settings'].get('sigma')} differs from the model's training sigma "
+                     f"{self.metrics['settings'].get('sigma_trained')}: {SIGMA_NOTE}", ""]
+        text += [f"{k}: {v}" for k, v in paths.items()]
+        print("\n".join(text), flush=True)
+        return self.metrics
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width) or [""]
+
+
+def _finite(obj: Any) -> Any:
+    """JSON-safe copy: non-finite floats become ``None`` (``metrics.json`` is strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def segmenter_info(path: str | os.PathLike) -> dict[str, Any]:
+    """Name and sha256 of the segmenter file (recorded with the metrics: every row must use the same segmenter)."""
+    return {"segmenter_file": Path(path).name, "segmenter_sha256": _file_sha256(path)}

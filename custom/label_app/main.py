@@ -1,0 +1,160 @@
+"""MONAI Label app of mammo_gcdm: draw a lesion on a mammogram, choose a lesion kind, get a synthetic mammogram.
+
+Start (from the repository root, in the label environment ``.venv-label``; ``make label`` does this)::
+
+    .venv-label/bin/python -m monailabel.main start_server --app custom/label_app --studies data/label_studies \\
+        --conf models mammo_gcdm --host 127.0.0.1 --port 8000
+
+App options (``--conf <key> <value>``; paths relative to the repository root):
+
+====================  ==============================================================================================
+``models``            ``mammo_gcdm`` (the one model; ``all`` means the same)
+``product_python``    the product environment's interpreter (default ``.venv/bin/python``): the synthesis runs there,
+                      as ``python -m monai.bundle run inference`` (this app never imports the product code)
+``inference_config``  comma-separated bundle config files (default ``bundle/configs/inference.json``; more files
+                      override it, e.g. a smaller model's settings)
+``ckpt_dir``          trained model folder (default ``bundle/models``: model.pt, autoencoder.pt,
+                      feature_normalisation.json)
+``presets``           lesion presets (default ``<ckpt_dir>/lesion_presets.json`` with its ``.csv`` beside it)
+``default_preset``    preset used when a request names none (default ``typical``)
+``feature_library``   feature file for "copy the features of case X" (default ``data/prepared/features.csv``)
+``timeout``           seconds one synthesis may take (default 900)
+``extensions``        datastore image patterns (default ``*.dcm,*.dicom,*.png``: DICOM mammograms, 16-bit PNG)
+====================  ==============================================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict
+
+from fastapi import HTTPException
+
+from monailabel.config import settings
+from monailabel.datastore.local import LocalDatastore
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.strategy import Strategy
+
+from lib.features import FeatureError, FeatureLibrary, PresetLibrary
+from lib.infer_synthesis import LABELS, SynthesisTask
+from lib.product import ProductSettings
+from lib.strategies import LatestSynthetic, OriginalImage
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "mammo_gcdm"
+DEFAULT_EXTENSIONS = "*.dcm,*.dicom,*.png"
+
+
+def _bundle_version(repo: Path) -> str:
+    try:
+        return str(json.loads((repo / "bundle" / "configs" / "metadata.json").read_text())["version"])
+    except (OSError, ValueError, KeyError):
+        return "0"
+
+
+class MammoGCDMApp(MONAILabelApp):
+    def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
+        conf = dict(conf or {})
+        self.repo = Path(conf.get("repo") or Path(app_dir).resolve().parents[1]).resolve()
+
+        def path(key: str, default: str | Path) -> Path:
+            value = Path(conf.get(key) or default)
+            return value if value.is_absolute() else (self.repo / value)
+
+        ckpt_dir = path("ckpt_dir", "bundle/models")
+        configs = [c.strip() for c in str(conf.get("inference_config") or "bundle/configs/inference.json").split(",")
+                   if c.strip()]
+        self.product = ProductSettings(
+            repo=self.repo,
+            python=path("product_python", ".venv/bin/python"),
+            config_files=[str(c if Path(c).is_absolute() else Path(c)) for c in configs],
+            ckpt_dir=ckpt_dir,
+            timeout=float(conf.get("timeout") or 900),
+        )
+        self.default_preset = conf.get("default_preset") or "typical"
+        self.presets, self.presets_error = None, None
+        presets_path = path("presets", ckpt_dir / "lesion_presets.json")
+        try:
+            self.presets = PresetLibrary(presets_path)
+        except (OSError, ValueError, FeatureError) as err:
+            self.presets_error = (f"no lesion presets ({presets_path}: {err}); build them with "
+                                  "`python -m custom.features.presets --prepared_dir data/prepared --output_dir "
+                                  "bundle/models`")
+            logger.warning(self.presets_error)
+        self.library = FeatureLibrary(path("feature_library", "data/prepared/features.csv"))
+        self.extensions = [e.strip() for e in str(conf.get("extensions") or DEFAULT_EXTENSIONS).split(",") if e.strip()]
+        models = str(conf.get("models") or MODEL_NAME)
+        wanted = [m.strip() for m in models.split(",") if m.strip()]
+        unknown = [m for m in wanted if m not in (MODEL_NAME, "all")]
+        if unknown:
+            raise ValueError(f"unknown model(s) {', '.join(unknown)}; this app serves: {MODEL_NAME}")
+        if not self.product.python.is_file():
+            logger.warning("product interpreter %s not found: run `make env` (or set --conf product_python)",
+                           self.product.python)
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="mammo_gcdm",
+            description="Synthetic mammograms with controllable lesions (GCDM latent diffusion): draw a lesion, "
+                        "choose a lesion kind, get a synthetic mammogram saved beside the original",
+            version=_bundle_version(self.repo),
+            labels=dict(LABELS),
+        )
+
+    # -------------------------------------------------------------------------------------------- components
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith("http://") or self.studies.startswith("https://"):
+            return super().init_datastore()
+        logger.info("Init datastore for %s with %s", self.studies, self.extensions)
+        return LocalDatastore(
+            self.studies,
+            extensions=self.extensions,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def init_infers(self) -> Dict[str, InferTask]:
+        return {
+            MODEL_NAME: SynthesisTask(self.product, self.presets, self.library, self.datastore,
+                                      default_preset=self.default_preset, presets_error=self.presets_error)
+        }
+
+    def init_strategies(self) -> Dict[str, Strategy]:
+        return {"original": OriginalImage(), "latest_synthetic": LatestSynthetic()}
+
+    def init_trainers(self):
+        return {}  # the model is trained by the bundle (make train), not from the MONAI Label client
+
+    def init_scoring_methods(self):
+        return {}
+
+    # -------------------------------------------------------------------------------------------- requests
+    def infer(self, request, datastore=None):
+        request = dict(request)
+        if request.get("model") == MODEL_NAME:
+            image = request.get("image")
+            ds = datastore if datastore else self.datastore()
+            if isinstance(image, str) and not os.path.exists(image):
+                if not image or not ds.get_image_uri(image):
+                    try:
+                        n = len(ds.list_images())
+                    except Exception:
+                        n = "?"
+                    raise HTTPException(status_code=404, detail=f"image {image!r} not found in the datastore "
+                                                                f"({n} images; see GET /datastore/?output=all)")
+                request["image_id"] = image
+            request["save_label"] = False  # the result is a new image, never a label of the source
+        return super().infer(request, datastore)
+
+    def info(self) -> Dict[str, Any]:
+        meta = super().info()
+        meta["product"] = {"python": str(self.product.python), "config_files": self.product.config_files,
+                           "ckpt_dir": str(self.product.ckpt_dir)}
+        return meta

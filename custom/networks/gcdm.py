@@ -1,0 +1,225 @@
+"""The GCDM denoiser: a MONAI ``DiffusionModelUNet`` fed by concatenated mask latents and lesion cross-attention tokens.
+
+Input of the UNet (channels, in this order)::
+
+    z_t                      latent_channels        the noisy image latent
+    mask_latent              mask_latent_channels   the VAE latent of the soft mask (zeroed where the mask is dropped)
+    extra_concat (optional)  extra_concat_channels  e.g. inpainting: resized region mask + masked-image latent
+
+The soft mask has 3 channels ``[background, breast, lesion-blurred]`` and the stage-1 VAE has 1 input channel, so
+every selected soft-mask channel is encoded *separately* by the frozen encoder, ``E(G(M)_c)`` (see
+:class:`custom.engines.diffusion.FrozenLatentEncoder`), and the per-channel latents are concatenated:
+``mask_latent_channels = len(mask_channels) * latent_channels`` (12 for the default ``mask_channels=[0, 1, 2]`` and
+4 latent channels; the reference GCDM code had one 4-channel latent of an RGB-like mask).
+
+Cross-attention context ``(B, L * num_tokens [+ extra tokens], token_dim)``: one :class:`LesionConditioner` run on
+each of the ``L = max_lesions`` lesion *slots* of every image (``B * L`` conditioner samples), tokens concatenated
+slot after slot along the token axis. An empty slot (``lesion_present == 0``) gets the "no lesion" radiomic vector
+(zeros) and an empty lesion mask: the inputs are multiplied by ``lesion_present`` here, so whatever a data
+pipeline puts into empty slots the network sees the same "no lesion" condition.
+
+Classifier-free guidance: ``drop_features`` / ``drop_mask`` are ``(B,)`` bool per *image*, broadcast to its slots.
+Dropping the mask zeroes the mask-latent channels AND replaces the CLIP geometric vector by the conditioner's null;
+dropping the features replaces the radiomic vector by its null. The unconditional branch drops both.
+
+Extension points (set from the bundle config, no trainer change needed):
+
+* ``extra_concat_channels``: more concatenated input channels, passed as ``extra_concat`` (never CFG-dropped).
+* ``token_sources``: named modules producing more tokens, ``source(inputs) -> (B, T, token_dim)``; each reads the
+  keyword argument of its own name from ``forward(**extra_inputs)`` (e.g. ``clinical=...``), and its tokens are
+  zeroed for samples where both features and mask are dropped (the unconditional branch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .conditioning import LesionConditioner, concat_token_sources, zero_dropped
+
+__all__ = ["GCDMNetwork", "UNET_RESERVED_KWARGS"]
+
+#: ``DiffusionModelUNet`` arguments that :class:`GCDMNetwork` sets itself (they may not appear in ``unet_kwargs``).
+UNET_RESERVED_KWARGS = ("spatial_dims", "in_channels", "out_channels", "with_conditioning", "cross_attention_dim")
+
+
+class GCDMNetwork(nn.Module):
+    """Noise predictor ``eps(z_t, t | soft mask, lesion features)`` of GCDM.
+
+    Args:
+        latent_channels: channels of the image latent (the stage-1 ``latent_channels``).
+        mask_latent_channels: channels of the soft-mask latent (``len(mask_channels) * latent_channels``); 0 turns
+            the mask concatenation off.
+        conditioner: a :class:`LesionConditioner` (or a mapping of its constructor arguments); its ``token_dim`` is
+            the UNet's ``cross_attention_dim``.
+        unet_kwargs: remaining :class:`monai.networks.nets.DiffusionModelUNet` arguments (``channels``,
+            ``attention_levels``, ``num_res_blocks``, ``num_head_channels``, ``norm_num_groups``,
+            ``use_flash_attention``, ...); the arguments in :data:`UNET_RESERVED_KWARGS` are derived here.
+        max_lesions: lesion slots ``L`` per image.
+        extra_concat_channels: further concatenated input channels (``extra_concat`` in :meth:`forward`).
+        token_sources: optional name -> module producing extra ``(B, T, token_dim)`` tokens (see module docstring).
+        spatial_dims: 2.
+        channels_last: run the UNet in ``torch.channels_last`` memory format (a speed switch on GPUs).
+
+    Attributes:
+        unet: the ``DiffusionModelUNet``; ``unet.in_channels == latent_channels + mask_latent_channels +
+            extra_concat_channels``.
+        conditioner: the lesion conditioner.
+        num_context_tokens: tokens in the cross-attention context from the lesion slots (``L * num_tokens``).
+    """
+
+    def __init__(
+        self,
+        latent_channels: int,
+        mask_latent_channels: int,
+        conditioner: LesionConditioner | Mapping[str, Any],
+        unet_kwargs: Mapping[str, Any] | None = None,
+        max_lesions: int = 2,
+        extra_concat_channels: int = 0,
+        token_sources: Mapping[str, nn.Module] | None = None,
+        spatial_dims: int = 2,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        from monai.networks.nets import DiffusionModelUNet
+
+        if latent_channels < 1 or mask_latent_channels < 0 or extra_concat_channels < 0 or max_lesions < 1:
+            raise ValueError(
+                f"GCDMNetwork: need latent_channels >= 1, mask_latent_channels >= 0, extra_concat_channels >= 0, "
+                f"max_lesions >= 1; got {latent_channels}, {mask_latent_channels}, {extra_concat_channels}, "
+                f"{max_lesions}"
+            )
+        unet_kwargs = dict(unet_kwargs or {})
+        reserved = sorted(k for k in unet_kwargs if k in UNET_RESERVED_KWARGS)
+        if reserved:
+            raise ValueError(f"GCDMNetwork: unet_kwargs may not set {reserved}; they are derived from the latents")
+        if isinstance(conditioner, Mapping):
+            conditioner = LesionConditioner(**dict(conditioner))
+        self.conditioner = conditioner
+        self.latent_channels = int(latent_channels)
+        self.mask_latent_channels = int(mask_latent_channels)
+        self.extra_concat_channels = int(extra_concat_channels)
+        self.max_lesions = int(max_lesions)
+        self.token_dim = int(conditioner.token_dim)
+        self.num_context_tokens = self.max_lesions * int(conditioner.num_tokens)
+        self.channels_last = bool(channels_last)
+        self.in_channels = self.latent_channels + self.mask_latent_channels + self.extra_concat_channels
+        self.unet = DiffusionModelUNet(
+            spatial_dims=spatial_dims,
+            in_channels=self.in_channels,
+            out_channels=self.latent_channels,
+            with_conditioning=True,
+            cross_attention_dim=self.token_dim,
+            **unet_kwargs,
+        )
+        self.token_sources = nn.ModuleDict(dict(token_sources or {}))
+        if "lesion" in self.token_sources:
+            raise ValueError("GCDMNetwork: 'lesion' is the lesion-token source's name; choose another")
+        if self.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+
+    def context(
+        self,
+        features: torch.Tensor,
+        lesion_masks: torch.Tensor,
+        lesion_present: torch.Tensor,
+        drop_features: torch.Tensor | None = None,
+        drop_mask: torch.Tensor | None = None,
+        **extra_inputs: torch.Tensor,
+    ) -> torch.Tensor:
+        """Cross-attention context ``(B, L * num_tokens [+ extra], token_dim)`` (see the module docstring).
+
+        Args:
+            features: ``(B, L, 67)`` normalised radiomics (zeros in empty slots).
+            lesion_masks: ``(B, L, H, W)`` binary lesion masks, one per slot.
+            lesion_present: ``(B, L)`` 1 where the slot holds a lesion, 0 otherwise.
+            drop_features, drop_mask: ``(B,)`` bool CFG drop events (``None`` = nothing dropped).
+            extra_inputs: inputs of the extra token sources, by source name.
+        """
+        if features.ndim != 3 or lesion_masks.ndim != 4 or lesion_present.ndim != 2:
+            raise ValueError(
+                "GCDMNetwork: expected features (B, L, F), lesion_masks (B, L, H, W), lesion_present (B, L); got "
+                f"{tuple(features.shape)}, {tuple(lesion_masks.shape)}, {tuple(lesion_present.shape)}"
+            )
+        b, slots = features.shape[:2]
+        if slots != self.max_lesions or lesion_masks.shape[:2] != (b, slots) or lesion_present.shape != (b, slots):
+            raise ValueError(
+                f"GCDMNetwork: {self.max_lesions} lesion slots expected; got features {tuple(features.shape)}, "
+                f"lesion_masks {tuple(lesion_masks.shape)}, lesion_present {tuple(lesion_present.shape)}"
+            )
+        present = lesion_present.to(features.dtype)
+        feats = (features * present.unsqueeze(-1)).reshape(b * slots, -1)  # empty slot -> "no lesion" zeros
+        masks = (lesion_masks * present.to(lesion_masks.dtype)[..., None, None]).reshape(b * slots, 1, *lesion_masks.shape[2:])
+
+        def per_slot(drop: torch.Tensor | None) -> torch.Tensor | None:
+            return None if drop is None else drop.to(torch.bool).repeat_interleave(slots)
+
+        tokens = self.conditioner(feats, masks, drop_features=per_slot(drop_features), drop_mask=per_slot(drop_mask))
+        tokens = tokens.reshape(b, slots * tokens.shape[1], tokens.shape[2])
+        if not len(self.token_sources):
+            return tokens
+        missing = [k for k in self.token_sources if k not in extra_inputs]
+        if missing:
+            raise ValueError(f"GCDMNetwork: inputs missing for token sources {missing}")
+        both = None
+        if drop_features is not None and drop_mask is not None:
+            both = drop_features.to(torch.bool) & drop_mask.to(torch.bool)
+        sources = {"lesion": tokens}
+        for name, module in self.token_sources.items():
+            sources[name] = zero_dropped(module(extra_inputs[name]), both).to(tokens.dtype)
+        return concat_token_sources(sources, ["lesion", *self.token_sources])
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        mask_latent: torch.Tensor | None,
+        features: torch.Tensor,
+        lesion_masks: torch.Tensor,
+        lesion_present: torch.Tensor,
+        drop_features: torch.Tensor | None = None,
+        drop_mask: torch.Tensor | None = None,
+        extra_concat: torch.Tensor | None = None,
+        **extra_inputs: torch.Tensor,
+    ) -> torch.Tensor:
+        """Predict the noise of ``x``.
+
+        Args:
+            x: ``(B, latent_channels, h, w)`` noisy latent ``z_t``.
+            timesteps: ``(B,)`` integer diffusion timesteps.
+            mask_latent: ``(B, mask_latent_channels, h, w)`` soft-mask latent (``None`` only when
+                ``mask_latent_channels == 0``); zeroed here where ``drop_mask``.
+            features, lesion_masks, lesion_present, drop_features, drop_mask, extra_inputs: see :meth:`context`.
+            extra_concat: ``(B, extra_concat_channels, h, w)`` when ``extra_concat_channels > 0``.
+
+        Returns:
+            ``(B, latent_channels, h, w)`` predicted noise.
+        """
+        parts = [x]
+        if self.mask_latent_channels:
+            if mask_latent is None or mask_latent.shape[1] != self.mask_latent_channels:
+                got = None if mask_latent is None else tuple(mask_latent.shape)
+                raise ValueError(f"GCDMNetwork: mask_latent must have {self.mask_latent_channels} channels, got {got}")
+            parts.append(zero_dropped(mask_latent.to(x.dtype), drop_mask))
+        if self.extra_concat_channels:
+            if extra_concat is None or extra_concat.shape[1] != self.extra_concat_channels:
+                got = None if extra_concat is None else tuple(extra_concat.shape)
+                raise ValueError(f"GCDMNetwork: extra_concat must have {self.extra_concat_channels} channels, got {got}")
+            parts.append(extra_concat.to(x.dtype))
+        if any(p.shape[0] != x.shape[0] or p.shape[2:] != x.shape[2:] for p in parts):
+            raise ValueError(f"GCDMNetwork: concat inputs disagree in shape: {[tuple(p.shape) for p in parts]}")
+        h = torch.cat(parts, dim=1)
+        if self.channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
+        context = self.context(features, lesion_masks, lesion_present, drop_features, drop_mask, **extra_inputs)
+        return self.unet(h, timesteps, context=context.to(h.dtype))
+
+    def extra_repr(self) -> str:
+        return (
+            f"latent_channels={self.latent_channels}, mask_latent_channels={self.mask_latent_channels}, "
+            f"extra_concat_channels={self.extra_concat_channels}, max_lesions={self.max_lesions}, "
+            f"token_dim={self.token_dim}"
+        )

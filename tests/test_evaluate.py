@@ -1,0 +1,215 @@
+"""The ``evaluate`` workflow (``bundle/configs/evaluate.json``): wiring, outputs, ablation rows and their honesty.
+
+The metric formulas (IoU / pixel accuracy from a confusion matrix, FRD, MS-SSIM, ...) are tested in
+``test_metrics.py``; here the real tiny models (trained once per session by the real training configs, see
+``build_tiny_models``; shared with ``test_inference.py`` through pytest's base temporary folder) generate for the
+session's prepared phantom test split and the workflow's outputs are checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from custom.engines.evaluation import PHANTOM_CAVEAT
+from custom.engines.inference import describe_error
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundle" / "configs"
+EVALUATE = CONFIGS / "evaluate.json"
+TINY = REPO / "tests" / "configs" / "inf_tiny.json"
+CONFIG_LIST = [str(EVALUATE), str(TINY)]
+
+
+def build_tiny_models(prepared: Path, root: Path, segmenter: bool = False) -> Path:
+    """Same as ``test_inference.build_tiny_models`` (same cache folder and markers: whichever module runs first
+    trains, the other reuses)."""
+    from monai.bundle import run
+
+    models = root / "models"
+    common = dict(meta_file=str(CONFIGS / "metadata.json"), logging_file=False, prepared_dir=str(prepared),
+                  ckpt_dir=str(models))
+    if not (root / "STAGES_READY").is_file():
+        run("training", config_file=[str(CONFIGS / "train_autoencoder.json"), str(TINY)], log_dir=str(root / "ae"),
+            max_epochs=1, batch_size=4, checkpoint_interval=0, num_grid_images=2, **common)
+        run("training", config_file=[str(CONFIGS / "train_autoencoder.json"), str(CONFIGS / "train_diffusion.json"), str(TINY)],
+            dm_output_dir=str(root / "dm"), latent_cache_dir=str(root / "cache"), train_limit=2, val_limit=2, batch_size=2,
+            max_epochs=1, warmup_steps=1, val_interval=1, save_interval=1, sample_interval=0, num_sample_cases=2,
+            sample_ddim_steps=2, cache_workers=0, **common)
+        (root / "STAGES_READY").write_text("ok")
+    if segmenter and not (root / "SEGMENTER_READY").is_file():
+        run("training", config_file=[str(CONFIGS / "train_segmenter.json"), str(TINY)], log_dir=str(root / "seg"),
+            segmenter_channels=[4, 8], max_epochs=1, batch_size=4, **common)
+        (root / "SEGMENTER_READY").write_text("ok")
+    return models
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def models(prepared_dir, tmp_path_factory) -> Path:
+    return build_tiny_models(Path(prepared_dir), tmp_path_factory.getbasetemp() / "gcdm_tiny_models", segmenter=True)
+
+
+def _overrides(models: Path, prepared_dir, results: Path, **kw) -> dict:
+    return {"ckpt_dir": str(models), "segmenter_path": str(models / "segmenter.pt"), "prepared_dir": str(prepared_dir),
+            "results_dir": str(results), "ddim_steps": 3, "diversity_cases": 1, "diversity_samples": 2,
+            "figure_cases": 2, "progress": False, **kw}
+
+
+def _run(models: Path, prepared_dir, results: Path, **kw) -> None:
+    from monai.bundle import run
+
+    run("evaluate", config_file=CONFIG_LIST, meta_file=str(CONFIGS / "metadata.json"), logging_file=False,
+        **_overrides(models, prepared_dir, results, **kw))
+
+
+@pytest.fixture(scope="module")
+def evaluation(models, prepared_dir, tmp_path_factory) -> dict:
+    """``python -m monai.bundle run evaluate`` on the tiny setup (every test case of the session phantom)."""
+    results = tmp_path_factory.mktemp("evaluation")
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "evaluate", "--config_file", str(CONFIG_LIST)]
+    for k, v in _overrides(models, prepared_dir, results).items():
+        cmd += [f"--{k}", str(v)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    n_test = len(json.loads((Path(prepared_dir) / "datalist.json").read_text())["test"])
+    label = f"gated_sigma1.5_{models.name}"  # a model folder other than bundle/models is part of the row label
+    return {"results": results, "run": results / label, "label": label, "proc": proc, "n_test": n_test}
+
+
+def _in01(v) -> bool:
+    return v is not None and 0.0 <= float(v) <= 1.0
+
+
+# ------------------------------------------------------------------------------------------------ the CLI run
+def test_cli_writes_metrics_with_the_expected_keys_and_ranges(evaluation):
+    m = json.loads((evaluation["run"] / "metrics.json").read_text())
+    n = evaluation["n_test"]
+    assert {"metrics", "settings", "controllability", "segmenter_ceiling", "frd", "feature_distance", "diversity",
+            "reconstruction", "caveat", "skipped", "seconds"} <= set(m)
+    s = m["metrics"]
+    for key in ("mass_iou", "breast_iou", "pixel_accuracy", "ceiling_breast_iou", "ceiling_pixel_accuracy", "ms_ssim"):
+        assert _in01(s[key]), (key, s[key])
+    for key in ("mass_dice_mean", "mass_dice_std", "ceiling_mass_iou"):
+        assert s[key] is None or _in01(s[key]), (key, s[key])
+    assert -1.0 <= s["recon_ssim"] <= 1.0 and s["recon_psnr"] > 0
+    assert s["feature_distance_name"] == "fsd" and s["feature_distance"] >= 0  # no local Inception: never "fid"
+    assert "fid" not in m["feature_distance"] and m["feature_distance"]["fsd_feature_network"] == "segmenter encoder"
+    assert s["frd"] is None or s["frd"] >= 0
+    cm = np.asarray(m["controllability"]["confusion_matrix"])
+    assert cm.shape == (3, 3) and cm.sum() == n * 32 * 32  # ONE matrix pooled over every test image
+    assert m["controllability"]["n_images"] == m["segmenter_ceiling"]["n_images"] == n
+    st = m["settings"]
+    assert st["ddim_steps"] == 3 and "DDIM steps" in st["ddim_steps_note"] and st["n_cases"] == n
+    assert st["n_generated"] == n + 1  # + 1 extra sample for the one diversity condition
+    assert st["sigma"] == st["sigma_trained"] == 1.5 and st["sigma_matches_training"] is True
+    assert m["diversity"]["n_conditions"] == 1 and m["diversity"]["n_samples_per_condition"] == 2
+    assert m["phantom"] is True and m["caveat"] == PHANTOM_CAVEAT
+    assert len(list((evaluation["run"] / "generated").glob("*.png"))) == n + 1
+
+
+def test_cli_writes_the_report_figure_and_prints_the_table(evaluation):
+    report = (evaluation["run"] / "report.md").read_text()
+    assert PHANTOM_CAVEAT in report
+    assert "| Mass IoU (pooled) |" in report and "| Breast IoU (pooled) |" in report and "ceiling" in report
+    assert "![mask, generated, real](figure_grid.png)" in report
+    with Image.open(evaluation["run"] / "figure_grid.png") as im:
+        assert im.size[0] > 200 and im.size[1] > 200
+    out = evaluation["proc"].stdout
+    assert "Mass IoU (pooled)" in out and "Pixel accuracy (pooled)" in out and PHANTOM_CAVEAT in out
+    assert str(evaluation["run"] / "metrics.json") in out and str(evaluation["run"] / "report.md") in out
+    rows = {r["label"]: r for r in json.loads((evaluation["results"] / "ablations.json").read_text())["rows"]}
+    metrics = json.loads((evaluation["run"] / "metrics.json").read_text())["metrics"]
+    assert rows[evaluation["label"]]["mass_iou"] == metrics["mass_iou"] and rows[evaluation["label"]]["sigma"] == 1.5
+    assert not [p for p in evaluation["run"].rglob(".*")]  # atomic writes leave no temporary file
+
+
+def test_sigma_rows_make_the_tradeoff_plot_and_a_mismatched_sigma_is_flagged(evaluation, models, prepared_dir, capsys):
+    _run(models, prepared_dir, evaluation["results"], sigma=2.5, max_cases=2, label="sigma2.5_mismatch")
+    run = evaluation["results"] / "sigma2.5_mismatch"
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["settings"]["sigma"] == 2.5 and m["settings"]["sigma_trained"] == 1.5
+    assert m["settings"]["sigma_matches_training"] is False
+    assert "WARNING: sigma 2.5 differs from the model's training sigma 1.5" in capsys.readouterr().out
+    rows = {r["label"]: r for r in json.loads((evaluation["results"] / "ablations.json").read_text())["rows"]}
+    assert {evaluation["label"], "sigma2.5_mismatch"} <= set(rows)
+    assert rows["sigma2.5_mismatch"]["sigma_matches_training"] is False and rows["sigma2.5_mismatch"]["n_cases"] == 2
+    with Image.open(run / "sigma_tradeoff.png") as im:
+        assert im.size[0] > 200
+    report = (run / "report.md").read_text()
+    assert "## Ablations" in report and "![Mass IoU and FRD vs sigma](sigma_tradeoff.png)" in report
+    assert "| sigma2.5_mismatch | gated | 2.5 ⚠ | 1.5 |" in report and "one model trained per sigma" in report
+
+
+def test_a_local_feature_network_gives_fid_instead_of_fsd(models, prepared_dir, tmp_path):
+    torch.manual_seed(0)
+    net = torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                               torch.nn.Flatten()))
+    path = tmp_path / "feature_net.pt"
+    net.save(str(path))
+    _run(models, prepared_dir, tmp_path / "results", fid_network=str(path), fid_input_size=32, max_cases=2, label="fid")
+    m = json.loads((tmp_path / "results" / "fid" / "metrics.json").read_text())
+    assert m["metrics"]["feature_distance_name"] == "fid" and m["metrics"]["feature_distance"] >= 0
+    assert m["feature_distance"]["fid_feature_network"] == str(path) and m["feature_distance"]["fid_feature_dim"] == 8
+    assert "| FID (local feature network) |" in (tmp_path / "results" / "fid" / "report.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+def test_conditioning_mode_ablation_needs_a_model_trained_with_it(models, prepared_dir, tmp_path):
+    with pytest.raises(Exception) as info:
+        _run(models, prepared_dir, tmp_path / "results", conditioning_mode="concat")
+    msg = describe_error(info.value)
+    assert msg is not None and "diffusion_info.json" in msg and "conditioning_mode='gated'" in msg and "--ckpt_dir" in msg
+    assert not (tmp_path / "results").exists()
+
+
+def test_missing_segmenter_is_named_before_generating(models, prepared_dir, tmp_path):
+    missing = tmp_path / "no_segmenter.pt"
+    with pytest.raises(Exception) as info:
+        _run(models, prepared_dir, tmp_path / "results", segmenter_path=str(missing))
+    msg = describe_error(info.value)
+    assert msg is not None and str(missing) in msg and "not found" in msg
+    assert not (tmp_path / "results").exists()
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+def test_evaluate_and_inference_take_the_same_model_definition():
+    inference = json.loads((CONFIGS / "inference.json").read_text())
+    evaluate = json.loads(EVALUATE.read_text())
+    macros = {k: v for k, v in inference.items() if isinstance(v, str) and v.startswith("%")}
+    assert {"network_def", "autoencoder_def", "latent_encoder", "sampling_scheduler", "sigma", "conditioning_mode"} <= set(macros)
+    assert {k: evaluate[k] for k in macros if k != "ddim_steps"} == {k: v for k, v in macros.items() if k != "ddim_steps"}
+    assert evaluate["ddim_steps"] == 25  # fewer steps than inference, recorded in metrics.json
+
+
+def test_lesion_rois_run_labels_and_phantom_detection(prepared_dir, tmp_path):
+    from custom.engines.evaluation import is_phantom, lesion_rois, run_label
+
+    inst = np.zeros((2, 20, 20), dtype=np.uint8)
+    inst[0, 8:12, 4:8] = 1
+    roi = lesion_rois(inst, margin=0.25, min_margin=2)
+    rows, cols = np.nonzero(roi[0])
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (6, 13, 2, 9) and not roi[1].any()
+    assert run_label("gated", 1.5, None, "bundle/models", "bundle/models") == "gated_sigma1.5"
+    assert run_label("concat", 2.0, None, tmp_path / "m_sigma2", "bundle/models") == "concat_sigma2_m_sigma2"
+    assert run_label("gated", 0, "mine", tmp_path, "bundle/models") == "mine"
+    assert is_phantom(prepared_dir) is True
+    assert is_phantom(prepared_dir, "false") is False
+    (tmp_path / "summary.json").write_text(json.dumps({"dataset_dir": str(tmp_path / "real_data")}))
+    assert is_phantom(tmp_path) is False
