@@ -4,10 +4,15 @@ Sub-packages, one concern each:
 
 - ``custom.data``: DICOM MG reading, dataset adapters (VinDr-Mammo, folders), the phantom generator, ``prepare``.
 - ``custom.transforms``: grayscale pipeline, breast geometry, masks and the soft mask (array + dictionary forms).
-- ``custom.features``: PyRadiomics feature extraction, feature files and their normalisation.
+- ``custom.features``: PyRadiomics feature extraction, feature files, their normalisation, lesion presets.
+- ``custom.networks``: gated fusion, mask CLIP encoder, lesion conditioner, the GCDM denoiser.
+- ``custom.engines``: Ignite trainers/evaluators (``monai.engines``), prepare-batch classes, inferers, handlers,
+  DDIM sampling, checkpoints, the inference and evaluation workflows.
+- ``custom.metrics``: controllability (pooled IoU, Dice), FRD, FID/segmenter-feature distance, diversity.
+- ``custom.label_app``: the MONAI Label app (runs in its own environment, calls the bundle's inference).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.4.0"
 
 import logging as _logging
 
