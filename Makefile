@@ -30,7 +30,7 @@ LABEL_HOST ?= 127.0.0.1
 LABEL_PORT ?= 8000
 
 .PHONY: env label-env phantom prepare train train-autoencoder train-diffusion train-segmenter presets \
-	infer evaluate test bench label label-studies clean
+	infer evaluate test bench figures label label-studies clean
 
 env: $(STAMP)
 
@@ -97,6 +97,10 @@ test: env label-env
 
 bench: env
 	$(BIN)/python -m custom.bench --output bundle/docs/benchmarks.md
+
+# refresh the docs pictures (loss curves, sample/reconstruction/evaluation grids) from the last make train
+figures: env
+	$(BIN)/python -m custom.engines.figures --runs $(RUNS_DIR) --output bundle/docs/images
 
 label-studies: env
 	$(BIN)/python custom/label_app/make_studies.py --prepared_dir $(PREPARED_DIR) --output_dir $(LABEL_STUDIES)

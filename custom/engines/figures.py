@@ -2,8 +2,8 @@
 
 Reads the loss-curve CSVs the training handlers write (``runs/autoencoder/loss_curve.csv``,
 ``runs/diffusion/losses.csv``) and plots them (``loss_curves.png``); copies the latest stage-2 sample grid
-(``runs/diffusion/samples/*.png``) to ``sample_grid.png`` and the latest stage-1 reconstruction grid to
-``reconstruction_grid.png``.
+(``runs/diffusion/samples/*.png``) to ``sample_grid.png``, the latest stage-1 reconstruction grid to
+``reconstruction_grid.png`` and the latest evaluation figure grid to ``evaluation_grid.png``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def plot_loss_curves(runs: Path, output: Path) -> Path | None:
 
     panels = [
         ("stage 1: autoencoder (L1 + KL)", runs / "autoencoder" / "loss_curve.csv", ["train_loss", "val_loss"]),
-        ("stage 2: latent diffusion (MSE)", runs / "diffusion" / "losses.csv", ["train_loss", "val_loss"]),
+        ("stage 2: latent diffusion (train: target MSE, val: noise MSE)", runs / "diffusion" / "losses.csv", ["train_loss", "val_loss"]),
     ]
     panels = [p for p in panels if p[1].is_file()]
     if not panels:
@@ -73,8 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     runs, output = Path(args.runs), Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     written = [plot_loss_curves(runs, output)]
+    evaluation = sorted((runs / "evaluation").glob("*/figure_grid.png"), key=lambda p: p.stat().st_mtime)
     for src, name in ((_latest(runs / "diffusion" / "samples"), "sample_grid.png"),
-                      (runs / "autoencoder" / "reconstruction_latest.png", "reconstruction_grid.png")):
+                      (runs / "autoencoder" / "reconstruction_latest.png", "reconstruction_grid.png"),
+                      (evaluation[-1] if evaluation else None, "evaluation_grid.png")):
         if src is not None and src.is_file():
             with atomic_path(output / name) as tmp:
                 shutil.copyfile(src, tmp)
