@@ -34,3 +34,29 @@ def prepared_dir(phantom_dir, tmp_path_factory) -> Path:
         num_workers=2, progress=False, preview_cases=4,
     ).run()
     return out
+
+
+INFERENCE_TINY_CONFIG = REPO / "tests" / "configs" / "inf_tiny.json"
+
+
+def build_tiny_models(prepared: Path, root: Path, segmenter: bool = False) -> Path:
+    """Stage 1 + stage 2 (+ the lesion segmenter) trained by the real bundle configs with tiny overrides, once per
+    session (marker files under ``root``: whichever test module runs first trains, the others reuse). Returns the model folder."""
+    from monai.bundle import run
+
+    models = root / "models"
+    common = dict(meta_file=str(BUNDLE / "configs" / "metadata.json"), logging_file=False, prepared_dir=str(prepared),
+                  ckpt_dir=str(models))
+    if not (root / "STAGES_READY").is_file():
+        run("training", config_file=[str(BUNDLE / "configs" / "train_autoencoder.json"), str(INFERENCE_TINY_CONFIG)], log_dir=str(root / "ae"),
+            max_epochs=1, batch_size=4, checkpoint_interval=0, num_grid_images=2, **common)
+        run("training", config_file=[str(BUNDLE / "configs" / "train_autoencoder.json"), str(BUNDLE / "configs" / "train_diffusion.json"), str(INFERENCE_TINY_CONFIG)],
+            dm_output_dir=str(root / "dm"), latent_cache_dir=str(root / "cache"), train_limit=2, val_limit=2, batch_size=2,
+            max_epochs=1, warmup_steps=1, val_interval=1, save_interval=1, sample_interval=0, num_sample_cases=2,
+            sample_ddim_steps=2, cache_workers=0, **common)
+        (root / "STAGES_READY").write_text("ok")
+    if segmenter and not (root / "SEGMENTER_READY").is_file():
+        run("training", config_file=[str(BUNDLE / "configs" / "train_segmenter.json"), str(INFERENCE_TINY_CONFIG)], log_dir=str(root / "seg"),
+            segmenter_channels=[4, 8], max_epochs=1, batch_size=4, **common)
+        (root / "SEGMENTER_READY").write_text("ok")
+    return models

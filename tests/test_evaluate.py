@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from custom.engines.evaluation import PHANTOM_CAVEAT
+from conftest import build_tiny_models
 from custom.engines.inference import describe_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,29 +28,6 @@ CONFIGS = REPO / "bundle" / "configs"
 EVALUATE = CONFIGS / "evaluate.json"
 TINY = REPO / "tests" / "configs" / "inf_tiny.json"
 CONFIG_LIST = [str(EVALUATE), str(TINY)]
-
-
-def build_tiny_models(prepared: Path, root: Path, segmenter: bool = False) -> Path:
-    """Same as ``test_inference.build_tiny_models`` (same cache folder and markers: whichever module runs first
-    trains, the other reuses)."""
-    from monai.bundle import run
-
-    models = root / "models"
-    common = dict(meta_file=str(CONFIGS / "metadata.json"), logging_file=False, prepared_dir=str(prepared),
-                  ckpt_dir=str(models))
-    if not (root / "STAGES_READY").is_file():
-        run("training", config_file=[str(CONFIGS / "train_autoencoder.json"), str(TINY)], log_dir=str(root / "ae"),
-            max_epochs=1, batch_size=4, checkpoint_interval=0, num_grid_images=2, **common)
-        run("training", config_file=[str(CONFIGS / "train_autoencoder.json"), str(CONFIGS / "train_diffusion.json"), str(TINY)],
-            dm_output_dir=str(root / "dm"), latent_cache_dir=str(root / "cache"), train_limit=2, val_limit=2, batch_size=2,
-            max_epochs=1, warmup_steps=1, val_interval=1, save_interval=1, sample_interval=0, num_sample_cases=2,
-            sample_ddim_steps=2, cache_workers=0, **common)
-        (root / "STAGES_READY").write_text("ok")
-    if segmenter and not (root / "SEGMENTER_READY").is_file():
-        run("training", config_file=[str(CONFIGS / "train_segmenter.json"), str(TINY)], log_dir=str(root / "seg"),
-            segmenter_channels=[4, 8], max_epochs=1, batch_size=4, **common)
-        (root / "SEGMENTER_READY").write_text("ok")
-    return models
 
 
 @pytest.fixture(scope="module", autouse=True)
