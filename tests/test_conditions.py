@@ -71,6 +71,7 @@ def case(tmp_path_factory):
         "label": save_png(d / "label.png", label),
         "breast": save_png(d / "breast.png", breast.astype(np.uint8) * 255),
         "lesion": save_png(d / "lesion.png", (inst > 0).astype(np.uint8) * 255),
+        "instances": save_png(d / "instances.png", inst.astype(np.uint8)),
         "breast_nii": save_nifti(d / "breast.nii.gz", breast),
         "instances_nii": save_nifti(d / "instances.nii.gz", np.where(inst == 1, 7, np.where(inst == 2, 9, 0))),
     }
@@ -93,8 +94,8 @@ def iou(a, b) -> float:
 def test_every_mask_form_gives_the_same_conditions(case, norm_file):
     feats = dict(feature_file=case["csv"], feature_case_id="case-b")
     forms = {
-        "label_map": build(norm_file, mask_file=case["label"], **feats),
-        "breast_and_lesion_masks": build(norm_file, breast_mask_file=case["breast"], lesion_mask_file=case["lesion"], **feats),
+        "label_map": build(norm_file, mask_file=case["label"], lesion_mask_file=case["instances"], **feats),
+        "breast_and_lesion_masks": build(norm_file, breast_mask_file=case["breast"], lesion_mask_file=case["instances"], **feats),
         "breast_mask_and_box": build(norm_file, breast_mask_file=case["breast"], lesion_box=[BOX_TOP, BOX_LOW], **feats),
         "nifti_instance_map": build(norm_file, breast_mask_file=case["breast_nii"], lesion_mask_file=case["instances_nii"], **feats),
     }
@@ -110,7 +111,7 @@ def test_every_mask_form_gives_the_same_conditions(case, norm_file):
         assert np.array_equal(c.lesion_masks, ref.lesion_masks), mode
         assert np.array_equal(c.features, ref.features), mode
         assert c.geometry == ref.geometry, mode
-    # slot 0 holds the upper lesion (first pixel first in row-major order), slot 1 the lower one
+    # slot 0 holds instance 1 (BOX_TOP, lesion_index 0), slot 1 instance 2
     top = [np.nonzero(m)[0].min() for m in ref.lesion_masks]
     assert top[0] < top[1]
 
@@ -184,10 +185,16 @@ def test_instance_ids_order_lesions_and_rows_pair_by_lesion_index(tmp_path, norm
     for i in range(2):
         np.testing.assert_array_equal(c.features[i], norm.transform(np.array([rows[i][n] for n in FEATURE_NAMES]))[0])
         assert c.raw_features[i]["lesion_index"] == i
-    # the same mask as a binary mask: lesions by first pixel, the upper lesion first
+    # the same mask as a binary mask: the lesions have no identity, so different rows cannot be paired with them
     save_png(tmp_path / "bin.png", (inst > 0).astype(np.uint8))
+    with pytest.raises(MammoInputError, match="without identity") as err:
+        build(norm_file, breast_mask_file=tmp_path / "b.png", lesion_mask_file=tmp_path / "bin.png",
+              feature_file=tmp_path / "f.csv")
+    assert err.value.source == str(tmp_path / "bin.png")
+    # ... but one row repeated for every lesion (a preset) pairs the same in any order: lesions by first pixel
+    write_feature_csv(tmp_path / "same.csv", [dict(rows[0], lesion_index=i) for i in range(2)])
     c2 = build(norm_file, breast_mask_file=tmp_path / "b.png", lesion_mask_file=tmp_path / "bin.png",
-               feature_file=tmp_path / "f.csv")
+               feature_file=tmp_path / "same.csv")
     assert c2.source["mask"]["lesion_order"] == "components"
     assert np.array_equal(c2.lesion_masks[0] > 0, inst == 8) and np.array_equal(c2.lesion_masks[1] > 0, inst == 3)
 
@@ -196,7 +203,7 @@ def test_instance_ids_order_lesions_and_rows_pair_by_lesion_index(tmp_path, norm
 def test_feature_file_selection_and_normalisation(case, norm_file, tmp_path):
     norm = FeatureNormaliser.load(norm_file)
     for cid in ("case-a", "case-b"):
-        c = build(norm_file, mask_file=case["label"], feature_file=case["csv"], feature_case_id=cid)
+        c = build(norm_file, mask_file=case["label"], lesion_mask_file=case["instances"], feature_file=case["csv"], feature_case_id=cid)
         expected_raw = np.array([[r[n] for n in FEATURE_NAMES] for r in case["rows"][cid]])
         got_raw = np.array([[r[n] for n in FEATURE_NAMES] for r in c.raw_features])
         np.testing.assert_array_equal(got_raw, expected_raw)
@@ -208,7 +215,7 @@ def test_feature_file_selection_and_normalisation(case, norm_file, tmp_path):
     rows = raw_rows("only", 2, 9)
     rows[1]["original_firstorder_Mean"] = 1e6
     write_feature_json(tmp_path / "one.json", "only", rows)
-    c = build(norm_file, mask_file=case["label"], feature_file=tmp_path / "one.json")
+    c = build(norm_file, mask_file=case["label"], lesion_mask_file=case["instances"], feature_file=tmp_path / "one.json")
     assert c.features[1, FEATURE_NAMES.index("original_firstorder_Mean")] == 1.0
     assert c.clipping["clipped_above"].get("original_firstorder_Mean") == 1
     np.testing.assert_array_equal(c.features, norm.transform(rows)[0])

@@ -7,7 +7,8 @@ geometry needed to map the synthetic image back onto the mask's source grid.
 Mask forms (exactly one):
 
 - ``mask_file``: a **3-class label map** (values a subset of {0 background, 1 breast, 2 lesion}); the lesions are
-  the 8-connected components of the value-2 region (two touching lesions are one lesion: use the next form for them);
+  the 8-connected components of the value-2 region (two touching lesions are one lesion: use the next form for them),
+  or, with ``lesion_mask_file``, the instances of that instance map (which must cover exactly the value-2 pixels);
 - ``breast_mask_file`` + ``lesion_mask_file``: a binary breast mask (values {0, 1} or {0, 255}) and a lesion mask,
   either binary (0 and one nonzero value; lesions = its 8-connected components) or an instance map (integer ids
   1..255, one id per lesion, ids need not be consecutive);
@@ -18,10 +19,13 @@ Mask forms (exactly one):
 
 Files are PNG, NIfTI or DICOM SEG (:func:`custom.data.mask_io.load_mask_file`).
 
-**Lesion order.** Lesions are numbered (lesion_index 0, 1, ...) by instance id for an instance map, otherwise by the
-row-major position of their first pixel (the topmost lesion first, ties broken by the leftmost pixel), at the mask's
-own resolution. Feature rows are sorted by ``lesion_index`` and paired with the lesions in that order; the lesion
-with lesion_index ``i`` goes to slot ``i``.
+**Lesion identity.** A feature row belongs to a lesion through its ``lesion_index``, and the mask must say which lesion
+that is: an instance map numbers them by id (ascending; ``prepare``'s ``lesions/<id>.png`` holds k = lesion_index
+k-1, and may be given with a label map as ``mask_file`` + ``lesion_mask_file``), boxes by their order. The separate
+regions of a label map or binary mask carry no number: they are ordered by the row-major position of their first
+pixel, which is *not* the order ``prepare`` gave them, so two or more such lesions with feature rows that differ are
+refused (identical rows, e.g. one preset for every lesion, pair the same in any order). The lesion with
+lesion_index ``i`` goes to slot ``i``.
 
 **Resolution.** A mask of exactly ``image_size x image_size`` is taken as already in the model frame (prepared data:
 chest wall on the left, cropped, padded) and used as is (``geometry`` is None). A mask of any other size is in
@@ -351,7 +355,7 @@ def _read_masks(mask_file, breast_mask_file, lesion_mask_file, lesion_box):
              dict(mask_file=mask_file, breast_mask_file=breast_mask_file, lesion_mask_file=lesion_mask_file,
                   lesion_box=lesion_box).items()}
     if mask_file is not None:
-        extra = [k for k in ("breast_mask_file", "lesion_mask_file", "lesion_box") if given[k]]
+        extra = [k for k in ("breast_mask_file", "lesion_box") if given[k]]
         if extra:
             raise MammoInputError(mask_file, f"give either a 3-class label map (mask_file) or a breast mask, not both "
                                              f"(also given: {', '.join(extra)})")
@@ -367,9 +371,23 @@ def _read_masks(mask_file, breast_mask_file, lesion_mask_file, lesion_box):
             )
         if not (arr == 1).any():
             raise MammoInputError(mask_file, "empty breast: the label map has no breast pixel (value 1)")
-        instances = _order_components(arr == LESION)
         breast = arr == 1
         src = {"mode": "label_map", "mask_file": _file_info(mask_file), "lesion_order": "components"}
+        if lesion_mask_file is None:
+            return breast, _order_components(arr == LESION), src, mask_file
+        # the lesion instance map of the label map (``prepare``'s lesions/<id>.png): lesion identity by instance id
+        inst = _load(lesion_mask_file, "lesion instance map")
+        if inst.shape != arr.shape:
+            raise MammoInputError(lesion_mask_file, f"lesion instance map size {inst.shape[0]}x{inst.shape[1]} differs "
+                                                    f"from the label map {Path(mask_file).name} size "
+                                                    f"{arr.shape[0]}x{arr.shape[1]}")
+        instances, order = _lesion_instances(inst, lesion_mask_file)
+        if not np.array_equal(instances > 0, arr == LESION):
+            n_diff = int(((instances > 0) != (arr == LESION)).sum())
+            raise MammoInputError(lesion_mask_file, f"the lesion instance map does not match the lesions of the label "
+                                                    f"map {Path(mask_file).name} ({n_diff} pixel(s) differ): give the "
+                                                    "instance map written with that label map")
+        src.update(lesion_mask_file=_file_info(lesion_mask_file), lesion_order=order)
         return breast, instances, src, mask_file
     if breast_mask_file is None:
         if given["lesion_mask_file"] or given["lesion_box"]:
@@ -416,6 +434,36 @@ def _read_masks(mask_file, breast_mask_file, lesion_mask_file, lesion_box):
         return breast, instances, src, f"lesion_box (on {Path(breast_mask_file).name})"
     src = {"mode": "breast_mask_only", "breast_mask_file": _file_info(breast_mask_file), "lesion_order": None}
     return breast, np.zeros(breast.shape, dtype=np.int32), src, breast_mask_file
+
+
+# ---------------------------------------------------------------------------------------------------- identity
+def _check_identity(rows: list[dict], n_lesions: int, mask_src: dict, lesion_source, feat_src: dict) -> None:
+    """Refuse to pair lesions with feature rows by position when that pairing is a guess.
+
+    A feature row belongs to one lesion through its ``lesion_index``; the mask must say which lesion that is. An
+    instance map (ids), a list of boxes (box order) or a single lesion does; the connected components of a label map
+    or binary mask do not (their first-pixel order is not the order in which ``prepare`` numbered them). With two or
+    more lesions of that kind and feature rows that differ, the pairing would silently give one lesion the other's
+    features, so it is an error; identical rows (one preset for every lesion) pair the same in any order."""
+    if n_lesions < 2 or len(rows) < 2:
+        return
+    ambiguous = []
+    if mask_src.get("lesion_order") == "components":
+        ambiguous.append(str(lesion_source))
+    if feat_src.get("lesion_order") == "components":
+        ambiguous.append(str(feat_src.get("reference_lesion_mask", {}).get("name", "reference_lesion_mask")))
+    if not ambiguous:
+        return
+    values = [[r.get(k) for k in sorted(r) if k not in ("case_id", "lesion_index")] for r in rows]
+    if all(v == values[0] for v in values[1:]):
+        return
+    raise MammoInputError(
+        ambiguous[0],
+        f"{n_lesions} lesions without identity (the separate regions of a label map or binary mask have no lesion "
+        "number) but different features per lesion: give the lesion instance map (lesion_mask_file, value k = "
+        "lesion_index k-1, e.g. data/prepared/lesions/<case_id>.png beside the label map), or one box per lesion in "
+        "lesion_index order",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- features
@@ -472,6 +520,14 @@ def _rows_from_reference(reference_image, reference_lesion_mask, params_file, im
         )
         rows.append({"case_id": f"reference:{ref.name}", "lesion_index": k - 1, **feats})
     return rows
+
+
+def _mask_order(path) -> str:
+    """``"instance_ids"`` when a lesion mask holds several nonzero values (an instance map), else ``"components"``."""
+    from custom.data.mask_io import load_mask_file
+
+    values = np.unique(load_mask_file(path))
+    return "instance_ids" if (values != 0).sum() > 1 else "components"
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -601,7 +657,8 @@ def build_conditions(
         rows = _rows_from_reference(reference_image, reference_lesion_mask, params, size, settings)
         feat_src = {"mode": "reference_lesion", "reference_image": _file_info(reference_image),
                     "reference_lesion_mask": _file_info(reference_lesion_mask), "params_file": _file_info(params),
-                    "preprocessing": {"image_size": size, "margin": float(margin), "border": float(border)}}
+                    "preprocessing": {"image_size": size, "margin": float(margin), "border": float(border)},
+                    "lesion_order": _mask_order(reference_lesion_mask)}
         feature_source = reference_lesion_mask
     else:
         feat_src = {"mode": "none"}
@@ -617,6 +674,8 @@ def build_conditions(
         what = "feature row(s)" if feature_file is not None else "reference lesion(s)"
         raise MammoInputError(feature_source, f"{len(rows)} {what} but {n_lesions} lesion(s) in the mask "
                                               f"({mask_name}): the counts must match")
+
+    _check_identity(rows, n_lesions, mask_src, lesion_source, feat_src)
 
     features = np.zeros((max_lesions, N_FEATURES), dtype=np.float32)
     present = np.zeros((max_lesions,), dtype=np.float32)

@@ -1,0 +1,126 @@
+"""Silent data mix-ups: every condition belongs to its lesion, caches and normalisers follow their content, corrupt
+checkpoints and ambiguous inputs are refused (one regression test per fault; each failed before its fix)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import RADIOMICS_PARAMS
+from custom.errors import MammoInputError
+
+FIELDS = ["image_id", "study_id", "series_id", "laterality", "view_position", "height", "width", "breast_birads",
+          "breast_density", "finding_categories", "finding_birads", "xmin", "ymin", "xmax", "ymax", "split"]
+
+
+# ---------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def mini_vindr(tmp_path_factory) -> dict:
+    """One phantom study (4 DICOM MG) in the VinDr layout with hand-written annotations:
+
+    - ``two``: two masses, box 0 the *lower* one (so box order != first-pixel order);
+    - ``calc``: only a calcification finding (a non-mass finding);
+    - ``plain``: no finding;
+    - ``fourth``: no finding.
+    """
+    from custom.data.phantom import generate_phantom_dataset
+    from custom.data.prepare import load_display_image
+    from custom.transforms.masks import breast_mask
+
+    root = tmp_path_factory.mktemp("mini_vindr")
+    generate_phantom_dataset(root, n_studies=1, seed=3, image_shape=(320, 256), progress=False)
+    rows = list(csv.DictReader(open(root / "finding_annotations.csv", newline="")))
+    images = list(dict.fromkeys(r["image_id"] for r in rows))
+    base = {r["image_id"]: r for r in rows}
+    names = dict(zip(("two", "calc", "plain", "fourth"), images))
+    # two boxes inside the breast of image "two", the lower one first
+    first = base[names["two"]]
+    path = root / "images" / first["study_id"] / f"{names['two']}.dicom"
+    img, info = load_display_image(path)
+    breast = breast_mask(img)
+    rr, cc = np.nonzero(breast)
+    cy = int(np.median(rr))
+    cols = np.nonzero(breast[cy])[0]
+    x0 = int(cols.min() + 0.15 * (cols.max() - cols.min())) if (first["laterality"] or "L") == "L" else \
+        int(cols.min() + 0.55 * (cols.max() - cols.min()))
+    boxes = [[x0, cy + 20, x0 + 28, cy + 44], [x0 + 4, cy - 50, x0 + 24, cy - 36]]  # lower (big), upper (small)
+    for b in boxes:
+        assert breast[b[1]:b[3], b[0]:b[2]].mean() > 0.99
+    out = []
+    for key, image_id in names.items():
+        r = dict(base[image_id], finding_categories="['No Finding']", finding_birads="", xmin="", ymin="", xmax="",
+                 ymax="", split="training")
+        if key == "two":
+            for b in boxes:
+                out.append(dict(r, finding_categories="['Mass']", finding_birads="BI-RADS 4",
+                                **dict(zip(("xmin", "ymin", "xmax", "ymax"), map(str, b)))))
+        elif key == "calc":
+            out.append(dict(r, finding_categories="['Suspicious Calcification']", finding_birads="BI-RADS 4",
+                            xmin="60", ymin="100", xmax="70", ymax="110"))
+        else:
+            out.append(r)
+    with open(root / "finding_annotations.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(out)
+    (root / "breast-level_annotations.csv").unlink(missing_ok=True)
+    return {"root": root, "names": names, "boxes": boxes}
+
+
+def _prepare(dataset: Path, out: Path, **kw) -> dict:
+    from custom.data.prepare import PrepareWorkflow
+
+    wf = PrepareWorkflow(dataset_dir=str(dataset), output_dir=str(out), params_file=str(RADIOMICS_PARAMS),
+                         image_size=64, num_workers=1, progress=False, preview_cases=0, validation_fraction=0.0,
+                         test_fraction=0.0, **kw)
+    return wf.run()
+
+
+@pytest.fixture(scope="module")
+def mini_prepared(mini_vindr, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("mini_prepared")
+    summary = _prepare(mini_vindr["root"], out)
+    return {"dir": out, "summary": summary}
+
+
+# ---------------------------------------------------------------------------------------------------- item 1
+def test_features_stay_with_their_lesion_from_prepare_to_inference(mini_vindr, mini_prepared):
+    """The README's label-map command: lesion k of the instance map gets the feature row with lesion_index k-1;
+    the label map alone (lesions without identity) is refused instead of pairing them by first pixel."""
+    from custom.data.conditions import build_conditions
+    from custom.features.feature_file import read_feature_file
+
+    prep = mini_prepared["dir"]
+    cid = mini_vindr["names"]["two"]
+    rows = sorted((r for r in read_feature_file(prep / "features.csv") if r["case_id"] == cid),
+                  key=lambda r: r["lesion_index"])
+    inst = np.asarray(Image.open(prep / "lesions" / f"{cid}.png"))
+    assert len(rows) == 2 and set(np.unique(inst)) == {0, 1, 2}
+    # prepare: lesion_index k-1 is instance k, which is box k-1 (the lower, larger box first)
+    areas = [int((inst == k).sum()) for k in (1, 2)]
+    assert [r["original_shape2D_PixelSurface"] for r in rows] == pytest.approx(areas)
+    assert areas[0] > areas[1] and np.nonzero(inst == 1)[0].min() > np.nonzero(inst == 2)[0].min()
+
+    kw = dict(image_size=64, normaliser_file=prep / "feature_normalisation.json", feature_file=prep / "features.csv",
+              feature_case_id=cid)
+    with pytest.raises(MammoInputError, match="without identity") as err:
+        build_conditions(mask_file=prep / "labels" / f"{cid}.png", **kw)
+    assert err.value.source == str(prep / "labels" / f"{cid}.png")
+    c = build_conditions(mask_file=prep / "labels" / f"{cid}.png", lesion_mask_file=prep / "lesions" / f"{cid}.png", **kw)
+    for slot in range(2):
+        assert int(c.lesion_masks[slot].sum()) == pytest.approx(rows[slot]["original_shape2D_PixelSurface"])
+        assert c.raw_features[slot]["lesion_index"] == slot
+    # the training datalist pairs the same way: slot i mask = instance i+1, features = row lesion_index i
+    from custom.data.training import load_prepared_datalist, prepared_transforms
+
+    item = next(i for i in load_prepared_datalist(prep, "training") if i["case_id"] == cid)
+    t = prepared_transforms(None, sigma=0.0)(item)
+    for slot in range(2):
+        assert int(t["lesion_masks"][slot].sum()) == areas[slot]
+    np.testing.assert_array_equal(t["features"].numpy(), c.features)
