@@ -124,3 +124,51 @@ def test_features_stay_with_their_lesion_from_prepare_to_inference(mini_vindr, m
     for slot in range(2):
         assert int(t["lesion_masks"][slot].sum()) == areas[slot]
     np.testing.assert_array_equal(t["features"].numpy(), c.features)
+
+
+# ---------------------------------------------------------------------------------------------------- item 2
+def _tiny_encoder(tmp: Path):
+    import torch
+    from monai.networks.nets import AutoencoderKL
+
+    from custom.engines.checkpoints import save_stage1
+    from custom.engines.diffusion import FrozenLatentEncoder
+
+    def net():
+        torch.manual_seed(0)
+        return AutoencoderKL(spatial_dims=2, in_channels=1, out_channels=1, channels=(4, 4), latent_channels=2,
+                             num_res_blocks=1, attention_levels=(False, False), norm_num_groups=2,
+                             with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False)
+
+    save_stage1(tmp / "ae.pt", net(), 1.0)
+    return FrozenLatentEncoder(net(), tmp / "ae.pt")
+
+
+def test_latent_cache_follows_the_prepared_content(tmp_path, mini_prepared):
+    """Re-running prepare with the same autoencoder changes an image: its cached latents are encoded again."""
+    from custom.data.training import load_prepared_datalist, prepared_transforms
+    from custom.engines.diffusion import LatentCache
+
+    prep = tmp_path / "prep"
+    shutil.copytree(mini_prepared["dir"], prep)
+    enc = _tiny_encoder(tmp_path)
+    items = load_prepared_datalist(prep, "training")
+    base = prepared_transforms(None, sigma=1.0)
+    cache = LatentCache(tmp_path / "cache", enc, sigma=1.0, image_size=64)
+    assert cache.warm(items, base) == len(items)
+    first = {i["case_id"]: cache.get(base(dict(i)))["latent"] for i in items}
+    again = LatentCache(tmp_path / "cache", enc, sigma=1.0, image_size=64)
+    assert again.warm(items, base) == 0  # same content: nothing to encode
+    # "prepare again": the first case's image now holds other pixels (same autoencoder, same settings)
+    cid = items[0]["case_id"]
+    img = np.asarray(Image.open(items[0]["image"])).astype(np.uint16)
+    Image.fromarray((65535 - img).astype(np.uint16)).save(items[0]["image"])
+    fresh = LatentCache(tmp_path / "cache", enc, sigma=1.0, image_size=64)
+    assert fresh.warm(items, base) == 1
+    latent = fresh.get(base(dict(items[0])))["latent"]
+    expected = enc.encode(base(dict(items[0]))["image"][None])[0]
+    np.testing.assert_allclose(latent.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(latent.numpy(), first[cid].numpy())
+    # the others are read from the cache unchanged
+    for i in items[1:]:
+        np.testing.assert_array_equal(fresh.get(base(dict(i)))["latent"].numpy(), first[i["case_id"]].numpy())

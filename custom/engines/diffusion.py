@@ -10,7 +10,9 @@ Pieces wired together by ``bundle/configs/train_diffusion.json``:
 * :class:`LatentCache` + :func:`diffusion_dataset`: every training/validation case is encoded once and stored as
   ``<cache_dir>/<key>/<case_id>.pt`` (``{"latent", "mask_latent"}``, written atomically, read with
   ``weights_only=True``). ``<key>`` hashes the stage-1 checkpoint *content*, ``sigma``, ``image_size``,
-  ``mask_channels`` and the latent definition, so a new autoencoder or mask setting never reuses stale latents.
+  ``mask_channels`` and the latent definition, so a new autoencoder or mask setting never reuses stale latents; each
+  file also records the SHA-256 of the prepared image and label it was computed from, so a case whose files changed
+  (``prepare`` run again) is encoded again.
   With ``latent_cache: false`` the dataset holds images and soft masks and :class:`GCDMPrepareBatch` encodes each
   batch on the fly (the slow path, kept to measure what the cache buys).
 * :class:`GCDMPrepareBatch` (a ``monai.engines.DiffusionPrepareBatch``): latent ``z0``, noise, timesteps, the CFG
@@ -163,7 +165,9 @@ class FrozenLatentEncoder(nn.Module):
 
 
 class LatentCache:
-    """Per-case latents on disk, keyed by case id + stage-1 checkpoint digest + ``sigma`` + ``image_size``.
+    """Per-case latents on disk, keyed by case id + stage-1 checkpoint digest + ``sigma`` + ``image_size``, each file
+    valid only for the content it was computed from (SHA-256 of the prepared image and label files, stored in the file
+    and compared at every use: re-running ``prepare`` re-encodes exactly the cases whose files changed).
 
     Args:
         cache_dir: root folder; files go to ``<cache_dir>/<key>/<case_id>.pt``.
@@ -199,11 +203,49 @@ class LatentCache:
         self.folder = Path(cache_dir) / self.key
         self.encoded = 0
         self.loaded = 0
+        self.stale = 0
+        self._digests: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def path(self, case_id: str) -> Path:
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(case_id))
         return self.folder / f"{safe}.pt"
+
+    #: the item fields a latent depends on (the soft mask is computed from the label map)
+    CONTENT_KEYS = ("image", "label")
+
+    def content_digest(self, item: Mapping[str, Any]) -> str:
+        """SHA-256 of what the latents of ``item`` are computed from: the bytes of its ``image`` and ``label`` files
+        (paths, or loaded ``MetaTensor`` s whose ``filename_or_obj`` names the file; other tensors: their values).
+        Remembered per case id, so a re-run of ``prepare`` that changes a file changes the digest."""
+        cid = str(item.get("case_id"))
+        if cid in self._digests:
+            return self._digests[cid]
+        h = hashlib.sha256()
+        for key in self.CONTENT_KEYS:
+            v = item.get(key)
+            name = getattr(v, "meta", {}).get("filename_or_obj") if hasattr(v, "meta") else None
+            src = v if isinstance(v, (str, os.PathLike)) else name
+            h.update(key.encode())
+            if src is not None and Path(str(src)).is_file():
+                h.update(file_digest(src).encode())
+            elif v is not None:
+                h.update(torch.as_tensor(v).detach().cpu().float().contiguous().numpy().tobytes())
+        digest = h.hexdigest()
+        self._digests[cid] = digest
+        return digest
+
+    def is_current(self, item: Mapping[str, Any]) -> bool:
+        """Whether the cache holds latents of ``item`` computed from its present content."""
+        digest = self.content_digest(item)  # from the item's files (remembered for the encoding that may follow)
+        path = self.path(item["case_id"])
+        if not path.is_file():
+            return False
+        try:
+            obj = load_checkpoint(path, what="cached latent")
+        except MammoInputError:
+            return False
+        return obj.get("content_sha256") == digest
 
     def encode(self, item: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Encode one case (``image`` ``(1, S, S)``, ``soft_mask`` ``(3, S, S)``) -> CPU latents without batch dim."""
@@ -215,8 +257,9 @@ class LatentCache:
             self.encoded += 1
         return {"latent": latent.contiguous(), "mask_latent": mask_latent.contiguous()}
 
-    def load(self, case_id: str) -> dict[str, torch.Tensor] | None:
-        """The cached latents of ``case_id``, or ``None`` when absent or unreadable (then re-encoded)."""
+    def load(self, case_id: str, content_sha256: str | None = None) -> dict[str, torch.Tensor] | None:
+        """The cached latents of ``case_id``, or ``None`` when absent, unreadable or computed from other content
+        than ``content_sha256`` (then re-encoded)."""
         path = self.path(case_id)
         if not path.is_file():
             return None
@@ -228,26 +271,35 @@ class LatentCache:
         if not {"latent", "mask_latent"} <= set(obj) or obj["mask_latent"].shape[0] != self.encoder.mask_latent_channels:
             logger.warning("%s: unexpected cached latent content; encoding again", path)
             return None
+        if content_sha256 is not None and obj.get("content_sha256") != content_sha256:
+            logger.info("%s: the prepared image or label changed since it was cached; encoding again", path)
+            with self._lock:
+                self.stale += 1
+            return None
         with self._lock:
             self.loaded += 1
         return {"latent": obj["latent"], "mask_latent": obj["mask_latent"]}
 
     def get(self, item: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Cached latents of ``item["case_id"]``; encoded and stored (atomically) when not cached yet."""
-        out = self.load(item["case_id"])
+        digest = self.content_digest(item)
+        out = self.load(item["case_id"], digest)
         if out is None:
             out = self.encode(item)
-            save_checkpoint(self.path(item["case_id"]), {**out, "case_id": str(item["case_id"]), **self.spec})
+            save_checkpoint(self.path(item["case_id"]), {**out, "case_id": str(item["case_id"]), **self.spec,
+                                                         "content_sha256": digest})
         return out
 
     def warm(self, data: Sequence[Mapping[str, Any]], transform: Any) -> int:
         """Encode and store every case of ``data`` not cached yet (``transform`` loads image + soft mask).
         Rank 0 encodes first under DDP, the other ranks wait. Returns the number of cases encoded here."""
         before = self.encoded
+        for d in data:  # every rank: the content digests from the item files (the loaded items no longer name them)
+            self.content_digest(d)
         if not _is_rank0():
             _barrier()
         else:
-            missing = [d for d in data if not self.path(d["case_id"]).is_file()]
+            missing = [d for d in data if not self.is_current(d)]
             if missing:
                 from tqdm.auto import tqdm
 
