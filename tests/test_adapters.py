@@ -127,8 +127,11 @@ def test_vindr_adapter_on_a_small_csv(tmp_path):
     ]
     _write_vindr(tmp_path, rows)
     cases, skipped, counts = load_vindr_cases(tmp_path)
+    assert {c.case_id for c in cases} == {"img_nofind", "img_mass"}  # calcification only: not a lesion-free image
+    assert counts["excluded_other_findings"] == 1
+    cases, skipped, counts = load_vindr_cases(tmp_path, other_findings="healthy")
     by_id = {c.case_id: c for c in cases}
-    assert set(by_id) == {"img_nofind", "img_mass", "img_calc"}
+    assert set(by_id) == {"img_nofind", "img_mass", "img_calc"} and counts["kept_other_findings_as_healthy"] == 1
     assert by_id["img_nofind"].findings == [] and by_id["img_calc"].findings == []  # calcification is not a lesion
     assert [f.box for f in by_id["img_mass"].findings] == [[10, 20, 30, 40], [50, 50, 60, 70]]
     assert by_id["img_mass"].findings[0].birads == "BI-RADS 4" and by_id["img_mass"].view == "MLO"
@@ -136,7 +139,7 @@ def test_vindr_adapter_on_a_small_csv(tmp_path):
     reasons = {s.case_id: s.reason for s in skipped}
     assert reasons["img_missing"] == "image file missing" and "unusable box" in reasons["img_badbox"]
     assert counts["ignored_findings"] == 1
-    cc_only, _, counts = load_vindr_cases(tmp_path, views=["CC"])
+    cc_only, _, counts = load_vindr_cases(tmp_path, views=["CC"], other_findings="healthy")
     assert {c.case_id for c in cc_only} == {"img_nofind", "img_calc"} and counts["excluded_view"] == 1
 
 

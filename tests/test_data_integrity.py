@@ -172,3 +172,62 @@ def test_latent_cache_follows_the_prepared_content(tmp_path, mini_prepared):
     # the others are read from the cache unchanged
     for i in items[1:]:
         np.testing.assert_array_equal(fresh.get(base(dict(i)))["latent"].numpy(), first[i["case_id"]].numpy())
+
+
+# ---------------------------------------------------------------------------------------------------- item 3
+@pytest.fixture(scope="module")
+def tiny_models(prepared_dir, tmp_path_factory) -> Path:
+    from conftest import build_tiny_models
+
+    return build_tiny_models(Path(prepared_dir), tmp_path_factory.getbasetemp() / "gcdm_tiny_models")
+
+
+def test_the_model_keeps_its_normaliser_and_prepare_never_touches_it(tiny_models, prepared_dir, mini_vindr, tmp_path):
+    from custom.engines.inference import check_model_info, model_normaliser
+
+    info = json.loads((tiny_models / "diffusion_info.json").read_text())
+    norm = tiny_models / "feature_normalisation.json"
+    # training wrote the normaliser it used beside the model, checksummed in the model info
+    assert norm.read_bytes() == (Path(prepared_dir) / "feature_normalisation.json").read_bytes()
+    import hashlib
+
+    assert info["feature_normalisation_sha256"] == hashlib.sha256(norm.read_bytes()).hexdigest()
+    assert model_normaliser(tiny_models) == str(norm)
+    expected = {k: info[k] for k in ("conditioning_mode", "max_lesions")}
+    check_model_info(tiny_models / "diffusion_info.json", expected, normaliser_file=norm)
+    # preparing another dataset into the model folder is refused before anything is written
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models, models)
+    before = {p.name: p.read_bytes() for p in models.iterdir() if p.is_file()}
+    with pytest.raises(MammoInputError, match="trained model") as err:
+        _prepare(mini_vindr["root"], tmp_path / "new_prepared", normalisation_copy=str(models / "feature_normalisation.json"))
+    assert err.value.source == str(models / "feature_normalisation.json")
+    assert not (tmp_path / "new_prepared").exists()
+    assert {p.name: p.read_bytes() for p in models.iterdir() if p.is_file()} == before
+    # another normaliser (a new prepare's) is refused at load, naming the file
+    other = tmp_path / "other_normalisation.json"
+    data = json.loads(norm.read_text())
+    other.write_text(json.dumps({**data, "n_fitted": data.get("n_fitted", 0) + 1}))
+    with pytest.raises(MammoInputError, match="not the feature normaliser") as err:
+        check_model_info(tiny_models / "diffusion_info.json", expected, normaliser_file=other)
+    assert err.value.source == str(other)
+
+
+# ---------------------------------------------------------------------------------------------------- item 4
+def test_non_mass_findings_are_excluded_by_default_and_counted(mini_vindr, mini_prepared, tmp_path):
+    from custom.data.vindr import load_vindr_cases
+
+    names = mini_vindr["names"]
+    summary = mini_prepared["summary"]
+    prepared_ids = {json.loads(p.read_text())["case_id"] for p in (mini_prepared["dir"] / "records").glob("*.json")}
+    datalist = json.loads((mini_prepared["dir"] / "datalist.json").read_text())
+    listed = {e["case_id"] for v in datalist.values() for e in v}
+    assert names["calc"] not in listed and {names["plain"], names["fourth"], names["two"]} <= listed
+    assert summary["other_findings"] == {"policy": "exclude", "excluded_images": 1, "kept_as_healthy_images": 0}
+    assert summary["cases_found"] == 3 and names["calc"] not in prepared_ids
+    # asked for: kept as an image without lesion, and counted
+    cases, _, counts = load_vindr_cases(mini_vindr["root"], other_findings="healthy")
+    calc = next(c for c in cases if c.case_id == names["calc"])
+    assert calc.findings == [] and counts["kept_other_findings_as_healthy"] == 1 and counts["excluded_other_findings"] == 0
+    with pytest.raises(MammoInputError, match="other_findings"):
+        load_vindr_cases(mini_vindr["root"], other_findings="maybe")

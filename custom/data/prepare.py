@@ -9,7 +9,8 @@ Run it through the bundle: ``python -m monai.bundle run prepare --config_file bu
 - ``records/<case_id>.json``: the per-case record (also the marker that the case is complete);
 - ``datalist.json``: MONAI datalist with ``training`` / ``validation`` / ``test`` lists (split by study);
 - ``features.csv``: the 67 raw PyRadiomics features per lesion (all splits), keyed by case_id + lesion_index;
-- ``feature_normalisation.json``: per-feature statistics fitted on the training split only;
+- ``feature_normalisation.json``: per-feature statistics fitted on the training split only (training copies it
+  beside the model it trains; ``prepare`` never writes into a model folder);
 - ``summary.json``: counts per split, skipped cases with reasons, clipping report, parameters;
 - ``preview.png``: a contact sheet of prepared cases with the label contours drawn on them.
 
@@ -244,11 +245,15 @@ class PrepareWorkflow:
         border: image-edge fraction ignored when finding the breast (edge artefacts).
         lesion_shape: ``"ellipse"`` (inscribed in each box) or ``"box"``, for box annotations.
         lesion_categories: finding categories that count as lesions (VinDr).
+        other_findings: images whose only findings are of other categories: ``"exclude"`` (default) or
+            ``"healthy"`` (kept as lesion-free); counted in the summary either way.
         views: keep only these views (e.g. ``["CC"]``), ``None`` = all.
         validation_fraction, test_fraction: split shares (by study; the dataset's own test split is kept).
         seed: split seed.
         num_workers: processes for preprocessing and radiomics (default: all cores).
-        normalisation_copy: also write the normalisation file here (e.g. ``bundle/models/``), or ``None``.
+        normalisation_copy: also write the normalisation file here, or ``None`` (default). A folder that holds a
+            trained model (``model.pt``, ``autoencoder.pt`` or ``diffusion_info.json``) is refused: the normaliser a
+            model was trained with is written with the model by training, and ``prepare`` never touches it.
         preview_cases: cases on the contact sheet (0 disables it).
         progress: progress bars.
     """
@@ -265,6 +270,7 @@ class PrepareWorkflow:
         lesion_shape: str = "ellipse",
         lesion_categories: Sequence[str] = ("Mass",),
         views: Sequence[str] | None = None,
+        other_findings: str = "exclude",
         validation_fraction: float = 0.1,
         test_fraction: float = 0.2,
         seed: int = 0,
@@ -279,6 +285,9 @@ class PrepareWorkflow:
         self.adapter = adapter
         self.settings = PreprocessSettings(int(image_size), float(margin), float(border), lesion_shape, int(window_index))
         self.lesion_categories, self.views = list(lesion_categories), None if views is None else list(views)
+        self.other_findings = str(other_findings).strip().lower()
+        if self.other_findings not in ("exclude", "healthy"):
+            raise MammoInputError("other_findings", f"must be 'exclude' or 'healthy', got {other_findings!r}")
         self.validation_fraction, self.test_fraction, self.seed = float(validation_fraction), float(test_fraction), int(seed)
         self.num_workers = int(num_workers or os.cpu_count() or 1)
         self.normalisation_copy = normalisation_copy
@@ -292,7 +301,8 @@ class PrepareWorkflow:
         if adapter == "auto":
             adapter = "vindr" if (self.dataset_dir / "finding_annotations.csv").is_file() else "folder"
         if adapter == "vindr":
-            return load_vindr_cases(self.dataset_dir, self.lesion_categories, self.views)
+            return load_vindr_cases(self.dataset_dir, self.lesion_categories, self.views,
+                                    other_findings=self.other_findings)
         if adapter == "folder":
             return load_folder_cases(self.dataset_dir)
         raise ValueError(f"unknown adapter {self.adapter!r} (use 'vindr', 'folder' or 'auto')")
@@ -343,12 +353,28 @@ class PrepareWorkflow:
         )
         return result.rows, result.failures, {"computed": result.n_computed, "cached": result.n_cached}
 
+    #: files of a trained model: ``prepare`` never writes beside them
+    MODEL_FILES = ("model.pt", "autoencoder.pt", "diffusion_info.json")
+
+    def check_normalisation_copy(self) -> None:
+        """Refuse (before any work) a ``normalisation_copy`` that would overwrite a trained model's normaliser."""
+        if not self.normalisation_copy:
+            return
+        target = Path(self.normalisation_copy)
+        found = [n for n in self.MODEL_FILES if (target.parent / n).is_file()]
+        if found:
+            raise MammoInputError(target, f"normalisation_copy would overwrite the normaliser of the trained model in "
+                                          f"{target.parent} ({', '.join(found)}): a model keeps the normaliser it was "
+                                          "trained with; leave normalisation_copy unset (the prepared folder holds "
+                                          "its own feature_normalisation.json)")
+
     # ------------------------------------------------------------------ run
     def run(self) -> dict[str, Any]:
         from custom.features.feature_file import write_feature_csv
         from custom.features.normalisation import FeatureNormaliser
 
         start = time.time()
+        self.check_normalisation_copy()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         cases, adapter_skipped, counts = self.load_cases()
         logger.info("%d cases found in %s", len(cases), self.dataset_dir)
@@ -409,6 +435,11 @@ class PrepareWorkflow:
             "laterality_conflicts": sum(r["laterality_conflict"] for r in records),
             "excluded_by_view": counts.get("excluded_view", 0),
             "ignored_findings": counts.get("ignored_findings", 0),
+            "other_findings": {
+                "policy": self.other_findings,
+                "excluded_images": counts.get("excluded_other_findings", 0),
+                "kept_as_healthy_images": counts.get("kept_other_findings_as_healthy", 0),
+            },
             "radiomics": {**radiomics_counts, "lesions": len(rows), "failures": len(failures)},
             "feature_clipping": clipping,
             "skipped": skipped,
@@ -472,6 +503,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"{split:<12}{c['images']:>8}{c['studies']:>9}{c['lesions']:>9}{c['images_with_lesion']:>11}")
     rad = summary["radiomics"]
     lines.append(f"radiomics: {rad['lesions']} lesions ({rad['computed']} computed, {rad['cached']} cached, {rad['failures']} failed)")
+    other = summary.get("other_findings") or {}
+    if other.get("excluded_images") or other.get("kept_as_healthy_images"):
+        lines.append(f"images whose only findings are not lesions (policy {other['policy']}): "
+                     f"{other['excluded_images']} excluded, {other['kept_as_healthy_images']} kept as healthy")
     if summary["skipped"]:
         lines.append(f"skipped {len(summary['skipped'])}:")
         lines += [f"  {s['case_id']}: {s['source']}: {s['reason']}" for s in summary["skipped"][:20]]

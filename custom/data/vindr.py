@@ -78,6 +78,7 @@ def load_vindr_cases(
     views: Iterable[str] | None = None,
     image_subdir: str = "images",
     image_suffix: str = ".dicom",
+    other_findings: str = "exclude",
 ) -> tuple[list[MammoCase], list[Skipped], dict[str, int]]:
     """Cases of a VinDr-Mammo-layout folder.
 
@@ -85,15 +86,23 @@ def load_vindr_cases(
         dataset_dir: the dataset root.
         lesion_categories: finding categories that count as lesions (others, e.g. calcifications, are ignored).
         views: keep only these view positions (e.g. ``["CC"]`` as in GCDM); ``None`` keeps all.
+        other_findings: what to do with an image whose only findings are of other categories (calcifications,
+            asymmetries, ...): ``"exclude"`` (default) leaves it out - it is not a lesion-free breast and would teach
+            the "no lesion" condition otherwise; ``"healthy"`` keeps it as an image without lesion. An image with a
+            lesion keeps it whatever its other findings.
 
     Returns:
         ``(cases, skipped, counts)``: ``skipped`` lists rows/images left out with reasons (missing image file,
-        unusable box, …); ``counts`` has ``"excluded_view"`` and ``"ignored_findings"`` (findings of other
-        categories).
+        unusable box, …); ``counts`` has ``"excluded_view"``, ``"ignored_findings"`` (finding rows of other
+        categories), ``"excluded_other_findings"`` / ``"kept_other_findings_as_healthy"`` (images whose only
+        findings are of other categories, by the ``other_findings`` policy).
 
     Raises:
         MammoInputError: the CSV is missing, unreadable or lacks required columns.
     """
+    policy = str(other_findings).strip().lower()
+    if policy not in ("exclude", "healthy"):
+        raise MammoInputError("other_findings", f"must be 'exclude' or 'healthy', got {other_findings!r}")
     root = Path(dataset_dir)
     finding_csv = root / "finding_annotations.csv"
     if not finding_csv.is_file():
@@ -106,7 +115,8 @@ def load_vindr_cases(
 
     cases: dict[str, MammoCase] = {}
     skipped: list[Skipped] = []
-    counts = {"excluded_view": 0, "ignored_findings": 0}
+    counts = {"excluded_view": 0, "ignored_findings": 0, "excluded_other_findings": 0, "kept_other_findings_as_healthy": 0}
+    other: set[str] = set()  # images with a finding of another category
 
     def case_for(row: dict[str, str]) -> MammoCase | None:
         image_id, study_id = _clean(row.get("image_id")), _clean(row.get("study_id"))
@@ -134,7 +144,10 @@ def load_vindr_cases(
             continue
         categories = parse_categories(row.get("finding_categories", ""))
         if not any(c.lower() in wanted for c in categories):
-            counts["ignored_findings"] += int(bool(categories) and categories != ["No Finding"])
+            is_other = any(c.strip().lower() not in ("no finding", "") for c in categories)
+            counts["ignored_findings"] += int(is_other)
+            if is_other:
+                other.add(case.case_id)
             continue
         box = [_float(row.get(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
         if any(v is None for v in box) or box[2] <= box[0] or box[3] <= box[1]:
@@ -152,6 +165,11 @@ def load_vindr_cases(
         if keep_views is not None and (case.view or "") not in keep_views:
             counts["excluded_view"] += 1
             continue
+        if case.case_id in other and not case.findings:
+            if policy == "exclude":
+                counts["excluded_other_findings"] += 1
+                continue
+            counts["kept_other_findings_as_healthy"] += 1
         if not Path(case.image_path).is_file():
             skipped.append(Skipped(case.case_id, case.image_path, "image file missing"))
             continue

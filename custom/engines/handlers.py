@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -28,7 +29,7 @@ from monai.utils import CommonKeys
 from torch import nn
 
 from custom.engines.checkpoints import save_checkpoint
-from custom.io import atomic_path, atomic_write_json
+from custom.io import atomic_path, atomic_write, atomic_write_json
 
 __all__ = ["EMA", "StopOnNonFiniteLoss", "LossProgressBar", "SampleGridHandler", "LossCSVWriter", "ModelExport", "loss_output", "unwrap", "soft_mask_rgb"]
 
@@ -358,6 +359,10 @@ class ModelExport:
         info_path: JSON side file (``None``: none).
         info: extra JSON-able fields for the side file (config values).
         evaluator: validation engine whose ``metric_name`` is recorded.
+        normaliser_file: the feature normaliser the training conditions were normalised with (the prepared folder's
+            ``feature_normalisation.json``); read when the handler is built (with the training data) and written
+            beside ``model_path`` as ``feature_normalisation.json``, its SHA-256 recorded in the side file, so that
+            inference and evaluation use - and verify - the normaliser of the model, whatever ``prepare`` did since.
     """
 
     def __init__(
@@ -370,8 +375,12 @@ class ModelExport:
         info: Mapping[str, Any] | None = None,
         evaluator: Engine | None = None,
         metric_name: str = "val_noise_mse",
+        normaliser_file: str | os.PathLike | None = None,
     ) -> None:
         self.model_path = Path(model_path)
+        self.normaliser_bytes = None
+        if normaliser_file is not None and Path(normaliser_file).is_file():
+            self.normaliser_bytes = Path(normaliser_file).read_bytes()
         self.network = network
         self.ema = ema
         self.encoder = encoder
@@ -394,6 +403,12 @@ class ModelExport:
             {"model": ema, "network": online, "scale_factor": torch.tensor(float(self.encoder.scale_factor))},
         )
         logger.info("final model (EMA weights under 'model'): %s", self.model_path)
+        norm_info: dict[str, Any] = {}
+        if self.normaliser_bytes is not None:
+            norm_path = self.model_path.parent / "feature_normalisation.json"
+            atomic_write(norm_path, lambda p: p.write_bytes(self.normaliser_bytes))
+            norm_info = {"feature_normalisation_file": norm_path.name,
+                         "feature_normalisation_sha256": hashlib.sha256(self.normaliser_bytes).hexdigest()}
         if self.info_path is not None:
             net = unwrap(self.network)
             val = None
@@ -412,6 +427,7 @@ class ModelExport:
                 "stage1_checkpoint_sha256": getattr(self.encoder, "checkpoint_digest", None),
                 "last_train_loss": loss_output(engine.state.output),
                 "last_val_noise_mse": val,
+                **norm_info,
                 **self.info,
             }
             atomic_write_json(self.info_path, json.loads(json.dumps(info, default=str)))

@@ -72,6 +72,7 @@ __all__ = [
     "InferenceSummary",
     "check_output_dir",
     "check_model_info",
+    "model_normaliser",
     "first_existing",
     "as_bool",
     "describe_error",
@@ -195,14 +196,23 @@ _INFO_MUST_MATCH = ("conditioning_mode", "max_lesions", "num_train_timesteps", "
 _INFO_SHOULD_MATCH = ("sigma", "image_size")
 
 
+def model_normaliser(ckpt_dir: str | os.PathLike) -> str | None:
+    """The feature normaliser written with the model (``<ckpt_dir>/feature_normalisation.json``), or ``None`` when the
+    model folder has none (a model trained before 0.5: the prepared folder's own is used then)."""
+    path = Path(ckpt_dir) / "feature_normalisation.json"
+    return str(path) if path.is_file() else None
+
+
 def check_model_info(info_path: str | os.PathLike | None, expected: Mapping[str, Any], model_path: str | os.PathLike | None = None,
-                     stage1_checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
+                     stage1_checkpoint: str | os.PathLike | None = None,
+                     normaliser_file: str | os.PathLike | None = None) -> dict[str, Any]:
     """Compare the stage-2 side file ``diffusion_info.json`` (written with ``model.pt`` by training) with the
     configuration used now.
 
     Raises:
         MammoInputError: a field of :data:`_INFO_MUST_MATCH` differs (``conditioning_mode``, ``max_lesions``, the
-        noise schedule): the message names the file, the field and both values.
+        noise schedule): the message names the file, the field and both values; ``normaliser_file`` is not the
+        feature normaliser the model was trained with (SHA-256 recorded as ``feature_normalisation_sha256``).
 
     Returns:
         ``{"info": the side file (``{}`` when absent), "mismatches": {field: {"trained": a, "configured": b}} for
@@ -236,6 +246,16 @@ def check_model_info(info_path: str | os.PathLike | None, expected: Mapping[str,
             logger.warning("%s: the model was trained with %s=%s but %s=%s is used now%s", path.name, key, info[key], key,
                            expected[key], " (the soft mask then differs from training: a sigma sweep needs a model trained "
                            "per sigma)" if key == "sigma" else "")
+    norm_digest = info.get("feature_normalisation_sha256")
+    if norm_digest and normaliser_file is not None:
+        used = Path(normaliser_file)
+        if not used.is_file():
+            raise MammoInputError(used, "feature normaliser not found (the model's is "
+                                        f"{path.parent / info.get('feature_normalisation_file', 'feature_normalisation.json')})")
+        if _file_sha256(used) != norm_digest:
+            raise MammoInputError(used, f"not the feature normaliser this model was trained with (its SHA-256 differs "
+                                        f"from {path.name}'s feature_normalisation_sha256): the conditions would be "
+                                        f"scaled differently from training; use {path.parent / 'feature_normalisation.json'}")
     stage1_matches = None
     digest = info.get("stage1_checkpoint_sha256")
     if digest and stage1_checkpoint is not None and Path(stage1_checkpoint).is_file():
@@ -427,7 +447,8 @@ def build_inference_cases(
         if mode == "keep":
             raise MammoInputError(datalist, "keep mode works on one image (image_file + its mask), not on a datalist")
         return datalist_cases(datalist, split, image_size=image_size, sigma=1.5 if sigma is None else sigma,
-                              max_lesions=max_lesions, normaliser_file=datalist_normaliser, seeds=seeds,
+                              max_lesions=max_lesions, seeds=seeds,
+                              normaliser_file=datalist_normaliser if datalist_normaliser is not None else normaliser_file,
                               max_cases=max_cases)
     if mode == "keep" and image_file is None:
         raise MammoInputError("image_file", "keep mode needs the source mammogram (--image_file, DICOM or PNG)")
