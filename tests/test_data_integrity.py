@@ -231,3 +231,140 @@ def test_non_mass_findings_are_excluded_by_default_and_counted(mini_vindr, mini_
     assert calc.findings == [] and counts["kept_other_findings_as_healthy"] == 1 and counts["excluded_other_findings"] == 0
     with pytest.raises(MammoInputError, match="other_findings"):
         load_vindr_cases(mini_vindr["root"], other_findings="maybe")
+
+
+# ---------------------------------------------------------------------------------------------------- item 5
+def _corruptions(path: Path) -> dict:
+    """Ways a checkpoint file gets damaged (each applied to a fresh copy)."""
+    from custom.engines.checkpoints import checksum_path
+
+    def flip(p):
+        b = bytearray(p.read_bytes())
+        mid = len(b) // 2
+        b[mid:mid + 64] = bytes(x ^ 0xFF for x in b[mid:mid + 64])
+        p.write_bytes(bytes(b))
+
+    def garbage_with_checksum(p):
+        from custom.engines.checkpoints import write_checksum
+
+        p.write_bytes(b"PK\x03\x04 not really a zip archive" * 10)
+        write_checksum(p)
+
+    def folder(p):
+        p.unlink()
+        p.mkdir()
+
+    return {
+        "flipped_bytes": flip,
+        "truncated": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 3]),
+        "empty": lambda p: p.write_bytes(b""),
+        "a_folder": folder,
+        "no_checksum_file": lambda p: checksum_path(p).unlink(),
+        "malformed_checksum_file": lambda p: checksum_path(p).write_text("not a digest\n"),
+        "garbage_with_valid_checksum": garbage_with_checksum,
+    }
+
+
+def test_a_damaged_checkpoint_is_refused_naming_the_file(tiny_models, tmp_path):
+    import torch
+    from ignite.engine import Engine
+
+    from custom.engines.autoencoder import ResumeCheckpointLoader
+    from custom.engines.checkpoints import checksum_path, load_checkpoint, load_stage1, verify_checkpoint
+    from custom.engines.diffusion import resume_checkpoint
+
+    dm = tiny_models.parent / "dm" / "checkpoints"
+    for f in [tiny_models / "model.pt", tiny_models / "autoencoder.pt", *dm.glob("checkpoint*.pt")]:
+        assert checksum_path(f).is_file(), f
+        verify_checkpoint(f)
+    for name, damage in _corruptions(tiny_models / "model.pt").items():
+        folder = tmp_path / name
+        shutil.copytree(tiny_models, folder)
+        shutil.copytree(dm, folder / "checkpoints")
+        target = folder / "model.pt"
+        damage(target)
+        with pytest.raises(MammoInputError) as err:
+            load_checkpoint(target, what="stage-2 model checkpoint")
+        assert err.value.source == str(target), name
+        # the resume path (the newest training-state file) and the stage-1 loader refuse the same damage
+        states = sorted((folder / "checkpoints").glob("checkpoint*.pt"))
+        for state in states:
+            damage(state)
+        with pytest.raises(MammoInputError) as err:
+            # verified when the resume file is chosen; what passes the checksum but is no checkpoint fails in the
+            # trainer's resume loader, with the same kind of error
+            path = resume_checkpoint(folder / "checkpoints", True)
+            ResumeCheckpointLoader(path, {"network": torch.nn.Linear(2, 2)}, engine_key=None)(Engine(lambda e, b: 0))
+        assert err.value.source in {str(p) for p in states} | {str(folder / "checkpoints")}, name
+        damage(folder / "autoencoder.pt")
+        with pytest.raises(MammoInputError) as err:
+            load_stage1(folder / "autoencoder.pt", _tiny_encoder_net())
+        assert err.value.source == str(folder / "autoencoder.pt"), name
+
+
+def _tiny_encoder_net():
+    from monai.networks.nets import AutoencoderKL
+
+    return AutoencoderKL(spatial_dims=2, in_channels=1, out_channels=1, channels=(4, 4), latent_channels=2,
+                         num_res_blocks=1, attention_levels=(False, False), norm_num_groups=2,
+                         with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False)
+
+
+def test_inference_refuses_a_damaged_model_before_writing(tiny_models, prepared_dir, tmp_path, capsys):
+    """The 64-flipped-bytes case of the issue, through the in-process inference entry: one error, nothing written."""
+    from monai.bundle import run
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models, models)
+    _corruptions(models / "model.pt")["flipped_bytes"](models / "model.pt")
+    prep = Path(prepared_dir)
+    entry = next(e for e in json.loads((prep / "datalist.json").read_text())["test"])
+    out = tmp_path / "out"
+    repo = Path(__file__).resolve().parents[1]
+    with pytest.raises(Exception) as err:
+        run("inference", config_file=[str(repo / "bundle/configs/inference.json"), str(repo / "tests/configs/inf_tiny.json")],
+            meta_file=str(repo / "bundle/configs/metadata.json"), logging_file=False, ckpt_dir=str(models),
+            mask_file=str(prep / entry["label"]), lesion_mask_file=str(prep / entry["lesions"]),
+            feature_file=str(prep / "features.csv"), feature_case_id=entry["case_id"], ddim_steps=2, progress=False,
+            output_dir=str(out))
+    from custom.engines.inference import describe_error
+
+    msg = describe_error(err.value)
+    assert msg is not None and str(models / "model.pt") in msg and "damaged" in msg
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_checkpoints_keep_n_saved_across_resumes_and_follow_the_umask(tmp_path):
+    import os
+
+    import torch
+    from ignite.engine import Engine, Events
+
+    from custom.engines.autoencoder import AtomicCheckpointSaver
+    from custom.engines.checkpoints import checksum_path, verify_checkpoint
+
+    net = torch.nn.Linear(2, 2)
+
+    def train(start: int, epochs: int) -> None:
+        eng = Engine(lambda e, b: 0.0)
+        AtomicCheckpointSaver(str(tmp_path), {"net": net}, engine_key=None, save_interval=1, n_saved=2,
+                              epoch_level=True).attach(eng)
+
+        @eng.on(Events.STARTED)
+        def _resume(e):
+            e.state.epoch, e.state.iteration = start, start
+
+        eng.run([0], max_epochs=start + epochs)
+
+    train(0, 3)
+    train(3, 3)  # a resumed run
+    train(6, 2)
+    kept = sorted(p.name for p in tmp_path.glob("*.pt"))
+    assert kept == ["net_epoch=7.pt", "net_epoch=8.pt"]
+    assert sorted(p.name for p in tmp_path.glob("*.sha256")) == [k + ".sha256" for k in kept]
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in kept:
+        verify_checkpoint(tmp_path / p)
+        assert (tmp_path / p).stat().st_mode & 0o777 == 0o666 & ~umask
+        assert checksum_path(tmp_path / p).stat().st_mode & 0o777 == 0o666 & ~umask

@@ -41,7 +41,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from custom.errors import MammoInputError
-from custom.io import atomic_path, atomic_write_json
+from custom.io import atomic_path, atomic_write_json, chmod_default
 
 __all__ = [
     "SECONDARY_CAPTURE_IMAGE_STORAGE",
@@ -600,4 +600,5 @@ def _temp_beside(target: Path) -> Path:
     suffix = "".join(target.suffixes[-2:]) if target.name.endswith(".nii.gz") else target.suffix
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
     os.close(fd)
+    chmod_default(tmp)  # mkstemp makes 0600: outputs get the umask's mode like every other file
     return Path(tmp)

@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import random
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
+from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents, PrepareBatch, default_metric_cmp_fn
 from monai.handlers import CheckpointLoader, CheckpointSaver
@@ -462,14 +465,50 @@ def _with_engine(objects: Mapping, engine: Engine, engine_key: str | None) -> No
         objects[engine_key] = engine  # type: ignore[index]
 
 
+class _ChecksumSaveHandler(BaseSaveHandler):
+    """Wraps the ignite ``DiskSaver`` of a MONAI ``CheckpointSaver``: after each (atomic) save it writes the
+    checkpoint's ``.sha256`` file (:func:`custom.engines.checkpoints.write_checksum`) with the mode the umask gives,
+    and removes it with the checkpoint."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:  # dirname, filename, ... of the wrapped saver
+        return getattr(self.inner, name)
+
+    def _path(self, filename: str) -> Path:
+        name = getattr(self.inner, "filename", None) or filename
+        return Path(self.inner.dirname) / name
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        from custom.engines.checkpoints import write_checksum
+        from custom.io import chmod_default
+
+        self.inner(checkpoint, filename, metadata)
+        path = self._path(filename)
+        chmod_default(path)  # ignite's atomic save makes the file 0600 (+ read bits): follow the umask instead
+        write_checksum(path)
+
+    def remove(self, filename: str) -> None:
+        from custom.engines.checkpoints import checksum_path
+
+        self.inner.remove(filename)
+        checksum_path(self._path(filename)).unlink(missing_ok=True)
+
+
 class AtomicCheckpointSaver(CheckpointSaver):
-    """:class:`monai.handlers.CheckpointSaver` writing atomically (temporary file + ``os.replace``).
+    """:class:`monai.handlers.CheckpointSaver` writing atomically (temporary file + ``os.replace``), with a checksum
+    file beside every checkpoint, and ``n_saved`` kept across resumed runs.
 
     MONAI constructs its ignite ``DiskSaver`` with ``atomic=False`` (an old permissions concern; ignite >= 0.4.11
     adds group/other read permission after the rename); this subclass switches ``atomic`` on, so an interrupted
-    save never leaves a truncated checkpoint. ``engine_key`` (default ``"trainer"``) adds the engine it is attached
-    to into the checkpoint - the trainer's iteration/epoch, needed to resume - which a bundle config cannot
-    reference from its own handler list without a cycle. Other arguments as in ``CheckpointSaver``.
+    save never leaves a truncated checkpoint, and writes ``<file>.sha256`` after each save so that a damaged file is
+    refused at load (:func:`custom.engines.checkpoints.verify_checkpoint`). ignite's ``Checkpoint`` only counts the
+    files saved by the running process, so a resumed run would keep ``n_saved`` *more* files each time; the
+    interval checkpoints already in ``save_dir`` (same prefix) are registered at start, oldest first, so the oldest
+    are deleted as usual. ``engine_key`` (default ``"trainer"``) adds the engine it is attached to into the
+    checkpoint - the trainer's iteration/epoch, needed to resume - which a bundle config cannot reference from its
+    own handler list without a cycle. Other arguments as in ``CheckpointSaver``.
     """
 
     def __init__(self, save_dir: str, save_dict: dict, engine_key: str | None = "trainer", **kwargs: Any):
@@ -478,9 +517,29 @@ class AtomicCheckpointSaver(CheckpointSaver):
         for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if ckpt is not None:
                 ckpt.save_handler._atomic = True
+                ckpt.save_handler = _ChecksumSaveHandler(ckpt.save_handler)
+
+    def _register_existing(self) -> None:
+        """Put the interval checkpoints of an earlier run (``<prefix>_<name>_<score_name>=<n>.pt``) into ignite's
+        bookkeeping, so that ``n_saved`` counts them."""
+        ckpt = self._interval_checkpoint
+        if ckpt is None or ckpt.n_saved is None or ckpt._saved:
+            return
+        prefix = f"{ckpt.filename_prefix}_" if ckpt.filename_prefix else ""
+        pattern = re.compile(re.escape(prefix) + r"(?:[A-Za-z0-9]+_)?" + re.escape(str(ckpt.score_name)) + r"=(\d+)\.pt$")
+        found = []
+        for p in Path(self.save_dir).glob("*.pt") if Path(self.save_dir).is_dir() else []:
+            m = pattern.fullmatch(p.name)
+            if m:
+                found.append(Checkpoint.Item(int(m.group(1)), p.name))
+        ckpt._saved = sorted(found, key=lambda it: it.priority)
+        if found:
+            logger.info("%d checkpoint(s) of an earlier run in %s count towards n_saved=%d", len(found), self.save_dir,
+                        ckpt.n_saved)
 
     def attach(self, engine: Engine) -> None:
         _with_engine(self.save_dict, engine, self.engine_key)
+        self._register_existing()
         super().attach(engine)
 
     def _delete_previous_final_ckpt(self) -> None:
@@ -509,12 +568,18 @@ class ResumeCheckpointLoader(CheckpointLoader):
         super().attach(engine)
 
     def __call__(self, engine: Engine) -> None:
-        if not os.path.isfile(self.load_path):
-            from custom.errors import MammoInputError
+        from custom.engines.checkpoints import verify_checkpoint
+        from custom.errors import MammoInputError
 
+        if not os.path.isfile(self.load_path):
             raise MammoInputError(self.load_path, "resume checkpoint not found (resume: true needs the training-state "
                                                   "file of an earlier run, config key resume_checkpoint)")
-        super().__call__(engine)
+        verify_checkpoint(self.load_path, "resume checkpoint")
+        try:
+            super().__call__(engine)
+        except Exception as err:
+            raise MammoInputError(self.load_path, f"resume checkpoint does not fit this training "
+                                                  f"({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]})") from None
 
 
 class ProgressBarHandler:

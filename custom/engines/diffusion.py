@@ -537,14 +537,19 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, pattern: str = "checkpoint*.p
 
 def resume_checkpoint(ckpt_dir: str | os.PathLike, resume: bool | str | None) -> str | None:
     """Checkpoint to resume from: ``resume`` False/None -> None; True -> :func:`latest_checkpoint` (error when
-    there is none); a path -> that file (error when missing)."""
+    there is none); a path -> that file (error when missing). The file is verified against its ``.sha256``
+    (:func:`custom.engines.checkpoints.verify_checkpoint`) before the trainer's ``CheckpointLoader`` reads it."""
     if not resume:
         return None
+    from custom.engines.checkpoints import verify_checkpoint
+
     if isinstance(resume, (str, os.PathLike)) and str(resume).lower() not in ("true", "latest"):
         if not Path(resume).is_file():
             raise MammoInputError(resume, "resume checkpoint not found")
+        verify_checkpoint(resume, "resume checkpoint")
         return str(resume)
     path = latest_checkpoint(ckpt_dir)
     if path is None:
         raise MammoInputError(ckpt_dir, "resume requested but the folder holds no checkpoint*.pt")
+    verify_checkpoint(path, "resume checkpoint")  # before the stock CheckpointLoader unpickles it
     return path

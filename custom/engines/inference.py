@@ -762,13 +762,14 @@ class GCDMCheckpointLoader(CheckpointLoader):
         self.what = what
 
     def __call__(self, engine: Engine) -> None:
-        from custom.engines.checkpoints import load_checkpoint, load_state_dict_checked
+        from custom.engines.checkpoints import load_checkpoint, load_state_dict_checked, verify_checkpoint
 
         path = Path(self.load_path)
         if not path.is_file():
             raise MammoInputError(path, f"{self.what} not found: train stage 2 first (python -m monai.bundle run "
                                         "training --config_file \"['bundle/configs/train_autoencoder.json',"
                                         "'bundle/configs/train_diffusion.json']\"), or point --ckpt_dir at a model folder")
+        verify_checkpoint(path, self.what)  # against its .sha256, before anything is unpickled
         try:
             super().__call__(engine)
         except Exception as err:
@@ -778,7 +779,8 @@ class GCDMCheckpointLoader(CheckpointLoader):
                     if key not in ckpt:
                         raise MammoInputError(path, f"{self.what} has no {key!r} entry (found {sorted(ckpt)[:8]})") from err
                     load_state_dict_checked(obj, ckpt[key], path, self.what)
-            raise
+            raise MammoInputError(path, f"{self.what} could not be loaded ({type(err).__name__}: "
+                                        f"{(str(err).splitlines() or [''])[0][:200]})") from None
 
 
 class CaseProgressBar:

@@ -90,7 +90,7 @@ def load_feature_network(
         return net.eval()
     from custom.engines.checkpoints import load_checkpoint, load_state_dict_checked
 
-    ckpt = load_checkpoint(path, map_location, what="FID feature network")
+    ckpt = load_checkpoint(path, map_location, what="FID feature network", verify=False)  # a user's file: no .sha256
     if network is None:
         raise MammoInputError(path, "FID feature network is a state-dict checkpoint, not a TorchScript archive: it "
                                     "needs the network architecture (pass `network`), or export it with torch.jit.save")
