@@ -368,3 +368,47 @@ def test_checkpoints_keep_n_saved_across_resumes_and_follow_the_umask(tmp_path):
         verify_checkpoint(tmp_path / p)
         assert (tmp_path / p).stat().st_mode & 0o777 == 0o666 & ~umask
         assert checksum_path(tmp_path / p).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# ---------------------------------------------------------------------------------------------------- item 6
+def test_keep_mode_declares_the_source_content_and_no_file_name_leaks(mini_vindr, mini_prepared, tmp_path):
+    import pydicom
+
+    from custom.data.conditions import build_conditions
+    from custom.data.export import export_sample
+    from custom.features.feature_file import read_feature_file, write_feature_csv
+    from custom.transforms.masks import lesion_instances_from_boxes
+
+    prep = mini_prepared["dir"]
+    yy, xx = np.mgrid[:64, :64]
+    breast = ((yy - 32) / 28.0) ** 2 + (xx / 40.0) ** 2 < 1
+    secret = "Doe_Jane_1962-03-04"
+    mask = tmp_path / f"{secret}_breast.png"
+    Image.fromarray(breast.astype(np.uint8) * 255).save(mask)
+    feats = tmp_path / f"{secret}_features.csv"
+    row = read_feature_file(prep / "features.csv")[0]
+    write_feature_csv(feats, [dict(row, case_id="c", lesion_index=0)])
+    cond = build_conditions(image_size=64, normaliser_file=prep / "feature_normalisation.json", breast_mask_file=mask,
+                            lesion_box=[10, 25, 20, 35], feature_file=feats)
+    src = next(Path(mini_vindr["root"], "images").rglob("*.dicom"))
+    ds = pydicom.dcmread(src)
+    ds.BurnedInAnnotation = "YES"
+    ds.save_as(tmp_path / "with_text.dcm")
+    del ds.BurnedInAnnotation
+    if "RecognizableVisualFeatures" in ds:
+        del ds.RecognizableVisualFeatures
+    ds.save_as(tmp_path / "unknown.dcm")
+    img = np.full((64, 64), 0.5)
+    keep = {"mode": "keep", "seed": 0, "keep_image": {"name": f"{secret}.dcm", "sha256": "ab" * 32}}
+    for source, burned in (("with_text.dcm", "YES"), ("unknown.dcm", "YES")):
+        paths = export_sample(tmp_path / f"out_{source}", "s", img, cond, keep, formats=("dcm",), source_dicom=tmp_path / source)
+        out = pydicom.dcmread(paths["dcm"])
+        assert out.BurnedInAnnotation == burned and out.RecognizableVisualFeatures == "YES"
+        assert secret not in str(out.ImageComments) and secret not in paths["json"].read_text()
+    # a fully generated image shows nothing of a source
+    paths = export_sample(tmp_path / "gen", "s", img, cond, {"mode": "generate", "seed": 0}, formats=("dcm",))
+    out = pydicom.dcmread(paths["dcm"])
+    assert out.BurnedInAnnotation == "NO" and out.RecognizableVisualFeatures == "NO"
+    # base names only when asked
+    paths = export_sample(tmp_path / "named", "s", img, cond, keep, formats=("dcm",), file_names=True)
+    assert f"{secret}_breast.png" in paths["json"].read_text()

@@ -189,7 +189,8 @@ def test_sidecar_holds_the_conditions_and_no_identifier(setup, tmp_path):
     assert side["parameters"]["guidance_scale"] == 3.0 and side["parameters"]["num_inference_steps"] == 50
     assert side["parameters"]["checkpoint_sha256"] == "ab" * 32 and side["parameters"]["extra"] == {"eta": 0.0}
     c = side["conditions"]
-    assert c["mask"]["mode"] == "breast_mask_and_box" and c["mask"]["breast_mask_file"]["name"] == "breast.png"
+    named = c["mask"]["breast_mask_file"]  # by content hash, not by the (possibly identifying) file name
+    assert c["mask"]["mode"] == "breast_mask_and_box" and named["name"] == f"sha256-{named['sha256'][:16]}.png"
     assert c["geometry"] == cond.geometry.to_dict() and c["num_lesions"] == 1
     lesion = c["lesions"][0]
     assert lesion["features_raw"] == {n: cond.raw_features[0][n] for n in FEATURE_NAMES}

@@ -192,6 +192,23 @@ def _scrub(obj: Any, deny: Sequence[str] = _IDENTIFYING_KEY_PARTS) -> Any:
     return str(obj)
 
 
+def _anonymise_files(obj: Any) -> Any:
+    """Copy of ``obj`` where every input-file record ``{"name": <base name>, "sha256": ...}`` names the file by its
+    content instead (``"sha256-<first 16 hex digits><suffix>"``): a user's file name may carry a patient's name."""
+    if isinstance(obj, Mapping):
+        out = {k: _anonymise_files(v) for k, v in obj.items()}
+        name = obj.get("name")
+        if isinstance(name, str) and set(obj) <= {"name", "sha256"}:
+            suffix = "".join(Path(name).suffixes[-2:])[:16]
+            suffix = suffix if re.fullmatch(r"[A-Za-z0-9.]*", suffix) else ""
+            digest = obj.get("sha256")
+            out["name"] = f"sha256-{str(digest)[:16]}{suffix}" if digest else f"file{suffix}"
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_anonymise_files(v) for v in obj]
+    return obj
+
+
 def _window_tags(window: Sequence[float] | None) -> tuple[float, float, str]:
     """(center, width) in image units [0, 1] -> DICOM LINEAR WindowCenter/Width in stored units, explanation."""
     if window is None:
@@ -231,11 +248,14 @@ def _build_dicom(
     pixel_spacing: tuple[float, float] | None,
     laterality: str | None,
     view_position: str | None,
+    file_names: bool = False,
 ):
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
     params = _scrub(dict(parameters), _PARAMETER_KEY_PARTS)
+    if not file_names:
+        params = _anonymise_files(params)
     summary = _scrub(dict(conditions_summary))
     now = _dt.datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
@@ -315,8 +335,15 @@ def _build_dicom(
     comment = SYNTHETIC_NOTICE + ". " + json.dumps({"parameters": params, "conditions": summary},
                                                    separators=(",", ":"), sort_keys=True)
     ds.ImageComments = comment if len(comment) <= 10240 else comment[:10237] + "..."
-    ds.BurnedInAnnotation = "NO"
-    ds.RecognizableVisualFeatures = "NO"
+    if str(parameters.get("mode", "")).lower() == "keep":
+        # keep mode copies the source's pixels outside the lesion region: whatever the source shows (burned-in text,
+        # a face in the field) may be in the output too, so its declarations are copied, or YES when unknown
+        for tag in ("BurnedInAnnotation", "RecognizableVisualFeatures"):
+            value = str(source.get(tag, "") or "").strip().upper() if source is not None else ""
+            setattr(ds, tag, value if value in ("YES", "NO") else "YES")
+    else:
+        ds.BurnedInAnnotation = "NO"  # generated from masks and numbers only
+        ds.RecognizableVisualFeatures = "NO"
     ds.LossyImageCompression = "00"
     if copy_patient and source is not None and "SOPInstanceUID" in source and "SOPClassUID" in source:
         ref = Dataset()
@@ -396,8 +423,11 @@ def write_synthetic_dicom(
     return Path(path)
 
 
-def _sidecar_payload(conditions: Any, parameters: Mapping[str, Any], outputs: Mapping[str, Any]) -> dict[str, Any]:
+def _sidecar_payload(conditions: Any, parameters: Mapping[str, Any], outputs: Mapping[str, Any],
+                     file_names: bool = False) -> dict[str, Any]:
     from custom.features.radiomics import FEATURE_NAMES
+
+    anon = (lambda x: x) if file_names else _anonymise_files
 
     lesions = []
     boxes = conditions.lesions()
@@ -418,13 +448,13 @@ def _sidecar_payload(conditions: Any, parameters: Mapping[str, Any], outputs: Ma
         "mammo_gcdm_version": _version(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "case_id": conditions.case_id,
-        "parameters": _scrub(dict(parameters), _PARAMETER_KEY_PARTS),
+        "parameters": anon(_scrub(dict(parameters), _PARAMETER_KEY_PARTS)),
         "conditions": _scrub({
             "image_size": conditions.image_size,
             "max_lesions": conditions.max_lesions,
             "num_lesions": conditions.num_lesions,
-            "mask": conditions.source.get("mask", {}),
-            "features": conditions.source.get("features", {}),
+            "mask": anon(conditions.source.get("mask", {})),
+            "features": anon(conditions.source.get("features", {})),
             "normaliser_file": conditions.source.get("normaliser_file"),
             "geometry": geometry,
             "lesions": lesions,
@@ -435,13 +465,13 @@ def _sidecar_payload(conditions: Any, parameters: Mapping[str, Any], outputs: Ma
 
 
 def write_sidecar(path: str | os.PathLike, conditions: Any, parameters: Mapping[str, Any],
-                  outputs: Mapping[str, Any]) -> Path:
+                  outputs: Mapping[str, Any], file_names: bool = False) -> Path:
     """JSON sidecar (atomically): format/version, ``synthetic: true`` and a notice, the package version, the
     parameters (sigma, seed, guidance scale, steps, model version, checkpoint hash, ... as given), the conditions
     (mask source with file names and hashes, laterality decision, geometry, per lesion its box, area and the 67
-    features raw and normalised, the clipping report) and the output files. File names only, no folders, no patient
-    identifiers (identifying keys are dropped)."""
-    return atomic_write_json(path, _sidecar_payload(conditions, parameters, outputs))
+    features raw and normalised, the clipping report) and the output files. Input files are named by their content
+    hash (``file_names``: by their base names), never by folder; identifying keys are dropped."""
+    return atomic_write_json(path, _sidecar_payload(conditions, parameters, outputs, file_names))
 
 
 # ---------------------------------------------------------------------------------------------------- export
@@ -491,6 +521,7 @@ def export_sample(
     map_to_source: bool = True,
     copy_patient: bool = False,
     window: Sequence[float] | None = None,
+    file_names: bool = False,
 ) -> dict[str, Path]:
     """Write one synthetic image in the requested formats plus ``<name>.json``, all or nothing.
 
@@ -506,6 +537,8 @@ def export_sample(
             (``geometry.invert_image``, outside the breast crop = 0) instead of the model frame.
         copy_patient: see :func:`write_synthetic_dicom`.
         window: DICOM window (center, width) in [0, 1]; default full range.
+        file_names: record the base names of the input files in the sidecar and ``ImageComments``; by default
+            they are recorded by content hash only (a file name may carry a patient's name).
 
     Returns:
         ``{"dcm": path, "png": path, "nii": path, "json": path}`` (the requested formats and the sidecar).
@@ -564,7 +597,7 @@ def export_sample(
         else:
             ds = _build_dicom(to_uint16(img), source=source, copy_patient=bool(copy_patient),
                               conditions_summary=summary, parameters=parameters, window=window,
-                              pixel_spacing=spacing, laterality=lat, view_position=view)
+                              pixel_spacing=spacing, laterality=lat, view_position=view, file_names=bool(file_names))
             savers.append((fmt, target, lambda p, ds=ds: _save_dicom(p, ds)))
 
     staged: list[tuple[Path, Path]] = []  # (temporary, final)
@@ -580,7 +613,7 @@ def export_sample(
         sidecar = out / f"{name}.json"
         tmp = _temp_beside(sidecar)
         staged.append((tmp, sidecar))
-        payload = _sidecar_payload(conditions, parameters, outputs)
+        payload = _sidecar_payload(conditions, parameters, outputs, bool(file_names))
         tmp.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         for tmp, target in staged:
             os.replace(tmp, target)

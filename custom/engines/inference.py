@@ -847,6 +847,7 @@ class SampleWriter:
         map_to_source: write on the source grid when the conditions carry a geometry.
         copy_patient: copy the source DICOM's patient module (default: a SYNTHETIC patient).
         skip_existing: leave a sample whose sidecar already exists (a re-run of an interrupted batch).
+        record_file_names: record the input files' base names (default: their content hashes only).
 
     Attributes:
         written: ``[{"case", "seed", "files": {fmt: name}}]``; skipped: ``[{"case", "seed", "reason"}]``.
@@ -854,12 +855,14 @@ class SampleWriter:
 
     def __init__(self, output_dir: str | os.PathLike, parameters: Mapping[str, Any] | None = None,
                  formats: Sequence[str] | str = ("dcm", "png", "nii"), map_to_source: bool = True,
-                 copy_patient: bool = False, skip_existing: bool = False, enabled: bool = True) -> None:
+                 copy_patient: bool = False, skip_existing: bool = False, enabled: bool = True,
+                 record_file_names: bool = False) -> None:
         self.output_dir = Path(output_dir)
         self.parameters = dict(parameters or {})
         self.formats = formats
         self.map_to_source = as_bool(map_to_source)
         self.copy_patient = as_bool(copy_patient)
+        self.record_file_names = as_bool(record_file_names)
         self.skip_existing = as_bool(skip_existing)
         self.enabled = as_bool(enabled)
         self.written: list[dict[str, Any]] = []
@@ -887,7 +890,7 @@ class SampleWriter:
                 params["keep_image"] = case.extra.get("image_file")
             paths = export_sample(self.output_dir, name, image.numpy(), case.conditions, params, formats=self.formats,
                                   source_dicom=case.source_dicom, map_to_source=self.map_to_source,
-                                  copy_patient=self.copy_patient)
+                                  copy_patient=self.copy_patient, file_names=self.record_file_names)
             self.written.append({"case": case.name, "seed": seed, "files": {k: Path(v).name for k, v in paths.items()}})
 
 
