@@ -33,6 +33,8 @@ class MammoCase:
         density, breast_birads: breast-level labels as the dataset writes them (e.g. ``"DENSITY C"``, ``"BI-RADS 2"``).
         findings: the lesions of the image (boxes), empty for an image without lesion.
         mask_path: a lesion mask file (PNG / NIfTI / DICOM SEG), used instead of boxes when given.
+        annotated_shape: ``[height, width]`` of the image the boxes were drawn on (VinDr CSV), ``None`` if unknown;
+            ``prepare`` compares it with the image it reads.
     """
 
     case_id: str
@@ -45,6 +47,7 @@ class MammoCase:
     breast_birads: str | None = None
     findings: list[Finding] = field(default_factory=list)
     mask_path: str | None = None
+    annotated_shape: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

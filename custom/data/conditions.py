@@ -78,6 +78,8 @@ N_FEATURES = 67
 DEFAULT_PARAMS_FILE = Path(__file__).resolve().parents[2] / "bundle" / "configs" / "radiomics_params.yaml"
 #: A lesion must lie at least this much inside the breast (same rule as ``prepare``).
 MIN_LESION_INSIDE = 0.5
+#: box coordinates beyond this many pixels cannot belong to a mammogram
+MAX_COORDINATE = 1e6
 _EIGHT = ndimage.generate_binary_structure(2, 2)
 
 
@@ -242,23 +244,31 @@ def _parse_boxes(lesion_box: Any) -> list[list[float]]:
     box = lesion_box
     if isinstance(box, str):
         text = box.strip()
+        if len(text) > 100_000:
+            raise MammoInputError("lesion_box", f"too long ({len(text)} characters)")
         try:
             box = json.loads(text if text.startswith("[") else f"[{text}]")
-        except json.JSONDecodeError:
-            raise MammoInputError("lesion_box", f"not a box [xmin, ymin, xmax, ymax]: {lesion_box!r}") from None
+        except (ValueError, RecursionError):  # garbled, a number too long to convert, nesting too deep
+            raise MammoInputError("lesion_box", f"not a box [xmin, ymin, xmax, ymax]: {lesion_box[:80]!r}") from None
     if hasattr(box, "tolist"):
         box = box.tolist()
     if not isinstance(box, (list, tuple)) or not box:
         raise MammoInputError("lesion_box", f"expected [xmin, ymin, xmax, ymax] or a list of such boxes, got {lesion_box!r}")
     boxes = [box] if not isinstance(box[0], (list, tuple)) else list(box)
+    if len(boxes) > 255:
+        raise MammoInputError("lesion_box", f"{len(boxes)} boxes; at most 255")
     out = []
     for i, b in enumerate(boxes):
+        shown = repr(b)[:80]
+        if not isinstance(b, (list, tuple)) or any(isinstance(v, (bool, list, tuple, dict)) for v in b):
+            raise MammoInputError("lesion_box", f"box {i}: expected 4 numbers [xmin, ymin, xmax, ymax], got {shown}")
         try:
             vals = [float(v) for v in b]
-        except (TypeError, ValueError):
-            raise MammoInputError("lesion_box", f"box {i}: values must be numbers, got {b!r}") from None
-        if len(vals) != 4 or not all(math.isfinite(v) for v in vals):
-            raise MammoInputError("lesion_box", f"box {i}: expected 4 finite numbers [xmin, ymin, xmax, ymax], got {b!r}")
+        except (TypeError, ValueError, OverflowError):
+            raise MammoInputError("lesion_box", f"box {i}: values must be numbers, got {shown}") from None
+        if len(vals) != 4 or not all(math.isfinite(v) and abs(v) <= MAX_COORDINATE for v in vals):
+            raise MammoInputError("lesion_box", f"box {i}: expected 4 finite numbers [xmin, ymin, xmax, ymax] within "
+                                                f"+-{MAX_COORDINATE:g} pixels, got {shown}")
         if vals[2] <= vals[0] or vals[3] <= vals[1]:
             raise MammoInputError("lesion_box", f"box {i} {vals}: needs xmax > xmin and ymax > ymin")
         out.append(vals)
@@ -317,11 +327,11 @@ def _source_image_info(path: str | os.PathLike) -> dict[str, Any]:
         except Exception as err:
             raise MammoInputError(path, f"unreadable source image ({err})") from None
         return {"shape": (h, w), "laterality": None, "view_position": None}
-    from custom.data.dicom import laterality_from_header, read_dicom_header
+    from custom.data.dicom import header_int, laterality_from_header, read_dicom_header
 
-    ds = read_dicom_header(path)
+    ds = read_dicom_header(path)  # Rows and Columns validated there
     return {
-        "shape": (int(ds.Rows), int(ds.Columns)),
+        "shape": (header_int(ds, "Rows", str(path)), header_int(ds, "Columns", str(path))),
         "laterality": laterality_from_header(ds),
         "view_position": str(ds.get("ViewPosition", "")) or None,
     }

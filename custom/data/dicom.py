@@ -85,7 +85,10 @@ def grayscale_params(ds: Dataset) -> dict[str, Any]:
     for key in _SCALAR_TAGS:
         if key in ds and ds[key].value is not None and ds[key].value != "":
             value = ds[key].value
-            params[key] = value if isinstance(value, str) else float(value) if key.startswith("Rescale") else int(value)
+            if key in ("RescaleSlope", "RescaleIntercept"):
+                params[key] = float(value)  # a malformed value fails here, in the reader (one clear error)
+            else:
+                params[key] = value if isinstance(value, str) else int(value)
     for key in _MULTI_TAGS:
         if key in ds and ds[key].value not in (None, ""):
             elem = ds[key]
@@ -151,8 +154,45 @@ def read_dicom_header(path: str | os.PathLike, require_mammography: bool = True)
     return ds
 
 
+#: header values that must be non-negative integers (Rows and Columns also present and positive)
+_INTEGER_TAGS = ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation", "SamplesPerPixel",
+                 "NumberOfFrames")
+
+
+def header_int(ds: Dataset, key: str, path: str, default: int | None = None) -> int | None:
+    """An integer header value, or ``default`` when absent; a malformed value raises :class:`MammoInputError`."""
+    try:
+        if key not in ds or ds[key].value in (None, "", b""):
+            return default
+        value = ds[key].value
+        number = float(value)
+        if not np.isfinite(number) or number != int(number) or number < 0 or number > 2**31:
+            raise ValueError(value)
+        return int(number)
+    except Exception:
+        try:
+            shown = repr(ds[key].value)[:40]
+        except Exception:
+            shown = "(unreadable)"
+        raise MammoInputError(path, f"malformed DICOM header: {key} must be a non-negative integer, got {shown}") from None
+
+
 def validate_mammogram_header(ds: Dataset, path: str, require_mammography: bool = True) -> None:
     """Check a dataset is a grayscale image we can process; raise :class:`MammoInputError` otherwise."""
+    try:
+        _validate_header(ds, path, require_mammography)
+    except MammoInputError:
+        raise
+    except Exception as err:  # a header value pydicom cannot even convert
+        raise MammoInputError(path, f"malformed DICOM header ({type(err).__name__}: {str(err)[:160]})") from None
+
+
+def _validate_header(ds: Dataset, path: str, require_mammography: bool) -> None:
+    for key in _INTEGER_TAGS:
+        header_int(ds, key, path)
+    for key in ("Rows", "Columns"):
+        if not header_int(ds, key, path, 0):
+            raise MammoInputError(path, f"malformed DICOM header: {key} is missing or zero")
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise MammoInputError(path, "DICOM file has no pixel data (PixelData element missing)")
     modality = str(ds.get("Modality", "")).upper()
@@ -166,9 +206,9 @@ def validate_mammogram_header(ds: Dataset, path: str, require_mammography: bool 
         raise MammoInputError(
             path, f"unsupported PhotometricInterpretation {photometric or 'missing'!r} (expected MONOCHROME1 or MONOCHROME2)"
         )
-    if int(ds.get("SamplesPerPixel", 1)) != 1:
+    if header_int(ds, "SamplesPerPixel", path, 1) != 1:
         raise MammoInputError(path, f"expected one sample per pixel, got {ds.SamplesPerPixel}")
-    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+    if (header_int(ds, "NumberOfFrames", path, 1) or 1) != 1:
         raise MammoInputError(path, f"expected a single-frame image, got {ds.NumberOfFrames} frames")
 
 
@@ -219,14 +259,23 @@ class MammoDicomReader(ImageReader):
         path, ds = img[0] if isinstance(img, list) else img
         arr = decode_pixels(ds, path)
         spacing = ds.get("PixelSpacing", None) or ds.get("ImagerPixelSpacing", None)
+        try:
+            params = grayscale_params(ds)
+        except Exception as err:
+            raise MammoInputError(path, f"malformed grayscale tags ({type(err).__name__}: {str(err)[:160]})") from None
+        try:
+            spacing = [float(v) for v in spacing] if spacing else None
+        except (TypeError, ValueError):
+            spacing = None
         meta: dict[str, Any] = {
             "filename_or_obj": path,
-            "dicom_grayscale": grayscale_params(ds),
+            "dicom_grayscale": params,
             "laterality": laterality_from_header(ds),
             "view_position": str(ds.get("ViewPosition", "")) or None,
             "presentation_intent": str(ds.get("PresentationIntentType", "")) or None,
             "sop_class_uid": str(ds.get("SOPClassUID", "")),
-            "pixel_spacing": [float(v) for v in spacing] if spacing else None,
+            "sop_instance_uid": str(ds.get("SOPInstanceUID", "")) or None,
+            "pixel_spacing": spacing,
             "spatial_shape": np.asarray(arr.shape),
             "original_channel_dim": "no_channel",
         }

@@ -192,6 +192,15 @@ def _scrub(obj: Any, deny: Sequence[str] = _IDENTIFYING_KEY_PARTS) -> Any:
     return str(obj)
 
 
+def check_output_name(option: str, name: Any, max_length: int = 200) -> str:
+    """An output file stem: letters, digits, ``.``, ``_``, ``-`` (no folder), at most ``max_length`` characters (the
+    format suffixes and the ``_seed<n>`` part must still fit the 255-byte file-name limit)."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name.endswith(".") or len(name) > max_length:
+        raise MammoInputError(option, f"output name must be 1-{max_length} letters, digits, '.', '_' or '-' (no "
+                                      f"folder), got {str(name)[:60]!r}{'...' if len(str(name)) > 60 else ''}")
+    return name
+
+
 def _anonymise_files(obj: Any) -> Any:
     """Copy of ``obj`` where every input-file record ``{"name": <base name>, "sha256": ...}`` names the file by its
     content instead (``"sha256-<first 16 hex digits><suffix>"``): a user's file name may carry a patient's name."""
@@ -548,8 +557,7 @@ def export_sample(
     failed call leaves no new or partial file; an existing file of the same name is replaced only by a complete one.
     """
     fmts = _formats(formats)
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name.endswith("."):
-        raise MammoInputError("name", f"output name must be letters, digits, '.', '_' or '-' (no folder), got {name!r}")
+    check_output_name("name", name)
     img = _as_image(image)
     if img.shape != tuple(conditions.label.shape):
         raise ValueError(f"image shape {img.shape} differs from the conditions' model shape {conditions.label.shape}")

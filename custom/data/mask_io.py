@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,18 +26,27 @@ def _suffix(path: Path) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
 
 
-def load_mask_file(path: str | os.PathLike, expected_shape: tuple[int, int] | None = None) -> np.ndarray:
+def load_mask_file(path: str | os.PathLike, expected_shape: tuple[int, int] | None = None,
+                   referenced_sop_instance_uid: str | None = None) -> np.ndarray:
     """Load a mask file as an ``(H, W)`` integer array.
 
     Args:
         path: a PNG, NIfTI or DICOM SEG file.
         expected_shape: if given, the ``(H, W)`` the mask must have (the image's shape).
+        referenced_sop_instance_uid: DICOM SEG only: the SOP Instance UID of the image the mask is for; only the
+            frames that reference it are used (a SEG may cover several source images). Without it, a SEG whose
+            frames reference more than one image is refused.
 
     Raises:
-        MammoInputError: unreadable file, unsupported format, not 2D, or the wrong size.
+        MammoInputError: unreadable file, unsupported format, not 2D, or the wrong size; a SEG without frames of the
+        image, or covering several images when the image is not named.
     """
     path = Path(path)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as err:  # e.g. a file name longer than the file system allows
+        raise MammoInputError(path, f"unusable mask path ({err.strerror or err})") from None
+    if not found:
         raise MammoInputError(path, "mask file not found")
     suffix = _suffix(path)
     try:
@@ -53,7 +63,7 @@ def load_mask_file(path: str | os.PathLike, expected_shape: tuple[int, int] | No
             if arr.ndim == 2:
                 arr = arr.T
         elif suffix in (".dcm", ".dicom"):
-            arr = _load_dicom_seg(path)
+            arr = _load_dicom_seg(path, referenced_sop_instance_uid)
         else:
             raise MammoInputError(path, f"unsupported mask format {suffix!r} (use one of {', '.join(MASK_SUFFIXES)})")
     except MammoInputError:
@@ -71,7 +81,21 @@ def load_mask_file(path: str | os.PathLike, expected_shape: tuple[int, int] | No
     return arr
 
 
-def _load_dicom_seg(path: Path) -> np.ndarray:
+def _frame_references(ds: Any) -> list[set[str]]:
+    """Per frame of a SEG, the SOP Instance UIDs of the source images it was derived from (empty when not given)."""
+    out = []
+    for group in ds.get("PerFrameFunctionalGroupsSequence", []) or []:
+        refs = set()
+        for derivation in group.get("DerivationImageSequence", []) or []:
+            for src in derivation.get("SourceImageSequence", []) or []:
+                uid = str(src.get("ReferencedSOPInstanceUID", "") or "")
+                if uid:
+                    refs.add(uid)
+        out.append(refs)
+    return out
+
+
+def _load_dicom_seg(path: Path, referenced: str | None = None) -> np.ndarray:
     import pydicom
 
     ds = pydicom.dcmread(str(path))
@@ -80,6 +104,18 @@ def _load_dicom_seg(path: Path) -> np.ndarray:
     frames = np.asarray(ds.pixel_array)
     if frames.ndim == 2:
         frames = frames[None]
+    refs = _frame_references(ds)
+    if len(refs) == frames.shape[0]:
+        images = set().union(*refs) if refs else set()
+        if referenced is not None and images:
+            keep = [i for i, r in enumerate(refs) if str(referenced) in r]
+            if not keep:
+                raise MammoInputError(path, f"no frame of this SEG references the image (SOP Instance UID "
+                                            f"{referenced}); it covers {len(images)} other image(s)")
+            frames = frames[keep]
+        elif referenced is None and len(images) > 1:
+            raise MammoInputError(path, f"the SEG covers {len(images)} source images: name the image it is used for "
+                                        "(its frames are selected by the referenced SOP Instance UID)")
     if str(ds.get("SegmentationType", "BINARY")).upper() == "FRACTIONAL":
         max_value = float(ds.get("MaximumFractionalValue", frames.max() or 1))
         frames = frames >= 0.5 * max_value

@@ -41,7 +41,7 @@ from custom.data.cases import MammoCase, Skipped, assign_split
 from custom.data.folder import load_folder_cases
 from custom.data.mask_io import load_mask_file
 from custom.data.vindr import load_vindr_cases
-from custom.errors import MammoInputError
+from custom.errors import MammoInputError, check_path_option, option_float, option_int
 from custom.io import atomic_path, atomic_write_json
 from custom.transforms.geometry import compute_geometry
 from custom.transforms.masks import (
@@ -93,17 +93,34 @@ def load_display_image(path: str | os.PathLike, window_index: int = 0) -> tuple[
             raise MammoInputError(path, f"unreadable PNG ({err})") from err
         if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
             raise MammoInputError(path, f"PNG image must be single-channel 8/16-bit grayscale, got {arr.dtype} {arr.shape}")
-        return (arr.astype(np.float32) / float(np.iinfo(arr.dtype).max)), {
+        image = arr.astype(np.float32) / float(np.iinfo(arr.dtype).max)
+        _check_dynamic_range(image, path)
+        return image, {
             "laterality": None, "view_position": None, "grayscale": {"voi": "png"}, "presentation_intent": None}
     img = LoadMammogram(ensure_channel_first=False)(str(path))
     out = DicomGrayscale(window_index=window_index)(img)
     meta = img.meta
+    _check_dynamic_range(out.numpy(), path)
     return out.numpy(), {
+        "sop_instance_uid": meta.get("sop_instance_uid"),
         "laterality": meta.get("laterality"),
         "view_position": meta.get("view_position"),
         "grayscale": out.meta["grayscale"],
         "presentation_intent": meta.get("presentation_intent"),
     }
+
+
+#: a display image whose values span less than this is blank (one 16-bit level)
+MIN_DYNAMIC_RANGE = 1.0 / 65535.0
+
+
+def _check_dynamic_range(image: np.ndarray, path) -> None:
+    """Refuse an image with no dynamic range (constant or blank, or a window that maps every pixel to one value):
+    there is no breast to find, and an export of it would carry a degenerate window."""
+    lo, hi = float(np.min(image)), float(np.max(image))
+    if not (hi - lo >= MIN_DYNAMIC_RANGE):
+        raise MammoInputError(path, f"the image has no dynamic range (every displayed pixel is {lo:.4g}): a blank or "
+                                    "constant image, or a VOI window that maps all values to one level")
 
 
 def _write_png(path: Path, arr: np.ndarray) -> None:
@@ -122,6 +139,26 @@ def _resize_instances(geom, instances: np.ndarray, source: str) -> np.ndarray:
     return out
 
 
+#: relative aspect-ratio difference above which an annotated size is not a rescaled copy of the image
+MAX_ASPECT_DIFFERENCE = 0.01
+
+
+def _boxes_for_image(case: MammoCase, boxes: list[list[float]], shape: tuple[int, int]) -> list[list[float]]:
+    """Boxes on the grid of the image read: unchanged when the annotation's ``height``/``width`` match it; scaled
+    when the image is a resized copy (same aspect ratio within 1 %); refused otherwise (they would land elsewhere)."""
+    if not boxes or not case.annotated_shape or tuple(case.annotated_shape) == tuple(shape):
+        return boxes
+    ah, aw = case.annotated_shape
+    h, w = shape
+    sy, sx = h / ah, w / aw
+    if abs(sy - sx) > MAX_ASPECT_DIFFERENCE * max(sy, sx):
+        raise MammoInputError(case.image_path, f"the annotations were drawn on a {ah}x{aw} image (height x width in "
+                                               f"the CSV) but the image is {h}x{w} with another aspect ratio: the "
+                                               "boxes cannot be placed")
+    logger.info("%s: image %dx%d, annotated at %dx%d: boxes scaled by %.4g", case.case_id, h, w, ah, aw, sx)
+    return [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in boxes]
+
+
 def preprocess_case(case: MammoCase, output_dir: str, settings: PreprocessSettings) -> dict[str, Any]:
     """Preprocess one case and write its files; returns its record (a datalist entry without the split).
 
@@ -136,7 +173,8 @@ def preprocess_case(case: MammoCase, output_dir: str, settings: PreprocessSettin
         raise MammoInputError(case.image_path, f"no breast found (foreground {100 * breast.mean():.1f}% of the image)")
 
     if case.mask_path:
-        mask = load_mask_file(case.mask_path, expected_shape=(h, w))
+        mask = load_mask_file(case.mask_path, expected_shape=(h, w),
+                              referenced_sop_instance_uid=info.get("sop_instance_uid"))
         if not (mask > 0).any():
             raise MammoInputError(case.mask_path, "empty lesion mask (no nonzero pixel)")
         try:
@@ -145,11 +183,12 @@ def preprocess_case(case: MammoCase, output_dir: str, settings: PreprocessSettin
             raise MammoInputError(case.mask_path, str(err)) from err
         findings = [{"category": "lesion", "birads": None} for _ in range(int(instances.max()))]
     else:
-        boxes = [f.box for f in case.findings]
-        for f in case.findings:
-            x0, y0, x1, y1 = f.box
+        boxes = [list(f.box) for f in case.findings]
+        boxes = _boxes_for_image(case, boxes, (h, w))
+        for f, box in zip(case.findings, boxes):
+            x0, y0, x1, y1 = box
             if x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
-                raise MammoInputError(case.image_path, f"lesion box {f.box} lies outside the image ({w}x{h})")
+                raise MammoInputError(case.image_path, f"lesion box {box} lies outside the image ({w}x{h})")
         instances = lesion_instances_from_boxes((h, w), boxes, kind=settings.lesion_shape)
         findings = [{"category": f.category, "birads": f.birads} for f in case.findings]
     for k in range(1, int(instances.max()) + 1):
@@ -228,8 +267,14 @@ def _run_case(args: tuple[MammoCase, str, PreprocessSettings]) -> tuple[str, dic
         return case.case_id, preprocess_case(case, output_dir, settings), None
     except MammoInputError as err:
         return case.case_id, None, Skipped(case.case_id, err.source or case.image_path, err.reason).to_dict()
+    except OSError as err:  # unreadable file, name too long, disk full, ...
+        return case.case_id, None, Skipped(case.case_id, err.filename or case.image_path,
+                                           f"cannot read or write a file: {err.strerror or err}").to_dict()
     except Exception as err:  # an unexpected failure of one case must not abort the dataset
-        return case.case_id, None, Skipped(case.case_id, case.image_path, f"{type(err).__name__}: {err}").to_dict()
+        text = (str(err).splitlines() or [""])[0][:200]
+        return case.case_id, None, Skipped(case.case_id, case.image_path,
+                                           f"could not be prepared (unexpected {type(err).__name__}: {text}); "
+                                           "please report this file").to_dict()
 
 
 class PrepareWorkflow:
@@ -280,6 +325,23 @@ class PrepareWorkflow:
         preview_cases: int = 16,
         progress: bool = True,
     ):
+        # every option checked before any work, one clear line each
+        for key, value in dict(dataset_dir=dataset_dir, output_dir=output_dir, params_file=params_file,
+                               normalisation_copy=normalisation_copy).items():
+            check_path_option(key, value)
+        if str(adapter) not in ("auto", "vindr", "folder"):
+            raise MammoInputError("adapter", f"must be 'auto', 'vindr' or 'folder', got {str(adapter)[:40]!r}")
+        if str(lesion_shape) not in ("ellipse", "box"):
+            raise MammoInputError("lesion_shape", f"must be 'ellipse' or 'box', got {str(lesion_shape)[:40]!r}")
+        image_size = option_int("image_size", image_size, 8, 8192)
+        margin = option_float("crop_margin", margin, 0.0, 1.0)
+        border = option_float("border_fraction", border, 0.0, 0.45)
+        window_index = option_int("window_index", window_index, 0, 1000)
+        validation_fraction = option_float("validation_fraction", validation_fraction, 0.0, 1.0)
+        test_fraction = option_float("test_fraction", test_fraction, 0.0, 1.0 - validation_fraction)
+        seed = option_int("split_seed", seed, 0, 2**63 - 1)
+        num_workers = None if num_workers in (None, "", 0) else option_int("num_workers", num_workers, 1, 1024)
+        preview_cases = option_int("preview_cases", preview_cases, 0, 1000)
         self.dataset_dir, self.output_dir = Path(dataset_dir), Path(output_dir)
         self.params_file = str(params_file)
         self.adapter = adapter

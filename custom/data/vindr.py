@@ -64,7 +64,14 @@ def _float(value: str | None) -> float | None:
         f = float(value) if value not in (None, "") else None
     except ValueError:
         return None
-    return None if f is None or math.isnan(f) else f
+    return None if f is None or not math.isfinite(f) else f
+
+
+def _shape(row: dict[str, str]) -> list[int] | None:
+    h, w = _float(row.get("height")), _float(row.get("width"))
+    if h is None or w is None or h < 1 or w < 1 or h != int(h) or w != int(w):
+        return None
+    return [int(h), int(w)]
 
 
 def _clean(value: str | None) -> str | None:
@@ -133,6 +140,7 @@ def load_vindr_cases(
                 split=_clean(row.get("split")),
                 density=_clean(row.get("breast_density")),
                 breast_birads=_clean(row.get("breast_birads")),
+                annotated_shape=_shape(row),
             )
         return cases[image_id]
 

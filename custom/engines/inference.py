@@ -53,7 +53,7 @@ from monai.handlers import CheckpointLoader
 from monai.inferers import Inferer
 from torch import nn
 
-from custom.errors import MammoInputError
+from custom.errors import MammoInputError, check_path_option, option_float, option_int
 
 __all__ = [
     "InferenceCase",
@@ -72,7 +72,11 @@ __all__ = [
     "InferenceSummary",
     "check_output_dir",
     "check_model_info",
+    "check_sampling_options",
     "model_normaliser",
+    "option_int",
+    "option_float",
+    "check_path_option",
     "first_existing",
     "as_bool",
     "describe_error",
@@ -153,6 +157,7 @@ def check_output_dir(output_dir: str | os.PathLike) -> Path:
     """Check *before any work* that ``output_dir`` can be written, without creating anything: the folder (or its
     nearest existing ancestor) must be a folder in which a file can be created (probed with a temporary file that is
     removed at once). Raises :class:`MammoInputError` naming the folder."""
+    check_path_option("output_dir", output_dir)
     out = Path(output_dir)
     probe_dir = out
     while not probe_dir.exists():
@@ -336,10 +341,34 @@ class CaseSet:
         return self.cases[i]
 
 
+#: bounds of the numeric options (a larger value is a typo, or would take days)
+MAX_SAMPLES = 10_000
+MAX_SEED = 2**63 - 1
+MAX_STEPS = 10_000
+MAX_GUIDANCE = 100.0
+
+
+def check_sampling_options(ddim_steps: Any, guidance_scale: Any, ddim_eta: Any = 0.0, sigma: Any = 1.5,
+                           keep_feather: Any = 2.0, num_train_timesteps: Any = None) -> dict[str, Any]:
+    """The sampling options, checked before anything is built or loaded (the first step of the ``inference`` run):
+    ``ddim_steps`` an integer 1..``num_train_timesteps``, ``guidance_scale`` a finite number 0..100, ``ddim_eta``
+    0..1, ``sigma`` 0..100, ``keep_feather`` 0..10000. Raises one :class:`MammoInputError` naming the option."""
+    t_max = MAX_STEPS
+    if num_train_timesteps not in (None, ""):
+        t_max = min(MAX_STEPS, option_int("num_train_timesteps", num_train_timesteps, 1, 10**6))
+    return {
+        "ddim_steps": option_int("ddim_steps", ddim_steps, 1, t_max),
+        "guidance_scale": option_float("guidance_scale", guidance_scale, 0.0, MAX_GUIDANCE),
+        "ddim_eta": option_float("ddim_eta", ddim_eta, 0.0, 1.0),
+        "sigma": option_float("sigma", sigma, 0.0, 100.0),
+        "keep_feather": option_float("keep_feather", keep_feather, 0.0, 1e4),
+    }
+
+
 def _seeds(seed: int, num_samples: int) -> list[int]:
-    if int(num_samples) < 1:
-        raise MammoInputError("num_samples", f"must be at least 1, got {num_samples!r}")
-    return [int(seed) + j for j in range(int(num_samples))]
+    n = option_int("num_samples", num_samples, 1, MAX_SAMPLES)
+    s = option_int("seed", seed, 0, MAX_SEED - n)
+    return [s + j for j in range(n)]
 
 
 def _is_dicom(path: str | os.PathLike) -> bool:
@@ -434,8 +463,20 @@ def build_inference_cases(
     """
     mode = str(mode).strip().lower()
     if mode not in MODES:
-        raise MammoInputError("mode", f"unknown mode {mode!r} (use 'generate', or 'keep' with image_file)")
+        raise MammoInputError("mode", f"unknown mode {mode[:40]!r} (use 'generate', or 'keep' with image_file)")
     seeds = _seeds(seed, num_samples)
+    keep_dilation = option_int("keep_dilation", keep_dilation, 0, max(int(image_size), 1))
+    for key, value in dict(mask_file=mask_file, breast_mask_file=breast_mask_file, lesion_mask_file=lesion_mask_file,
+                           feature_file=feature_file, reference_image=reference_image,
+                           reference_lesion_mask=reference_lesion_mask, params_file=params_file,
+                           source_image=source_image, image_file=image_file, datalist=datalist,
+                           normaliser_file=normaliser_file, datalist_normaliser=datalist_normaliser).items():
+        check_path_option(key, value)
+    from custom.data.export import check_output_name
+
+    check_output_name("case_id", case_id)  # the output files are named after it: refused now, not after sampling
+    if max_cases not in (None, "", 0):
+        max_cases = option_int("max_cases", max_cases, 1, 10**9)
     single_inputs = {k: v for k, v in dict(mask_file=mask_file, breast_mask_file=breast_mask_file,
                                            lesion_mask_file=lesion_mask_file, lesion_box=lesion_box,
                                            feature_file=feature_file, reference_image=reference_image,
@@ -654,11 +695,12 @@ class GCDMSamplingInferer(Inferer):
         super().__init__()
         self.scheduler = scheduler
         self.encoder = encoder
-        self.num_inference_steps = int(num_inference_steps)
-        self.guidance_scale = float(guidance_scale)
-        self.sigma = float(sigma)
-        self.eta = float(eta)
-        self.feather = float(feather)
+        t_max = int(getattr(scheduler, "num_train_timesteps", MAX_STEPS) or MAX_STEPS)
+        self.num_inference_steps = option_int("ddim_steps", num_inference_steps, 1, min(MAX_STEPS, t_max))
+        self.guidance_scale = option_float("guidance_scale", guidance_scale, 0.0, MAX_GUIDANCE)
+        self.sigma = option_float("sigma", sigma, 0.0, 100.0)
+        self.eta = option_float("ddim_eta", eta, 0.0, 1.0)
+        self.feather = option_float("keep_feather", feather, 0.0, 1e4)
         self.progress = as_bool(progress)
         if self.num_inference_steps < 1:
             raise MammoInputError("ddim_steps", f"must be at least 1, got {num_inference_steps!r}")

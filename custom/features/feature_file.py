@@ -31,6 +31,10 @@ ID_COLUMNS: tuple[str, str] = ("case_id", "lesion_index")
 _FEATURE_SET = frozenset(FEATURE_NAMES)
 
 
+#: lesion_index values beyond this cannot be a lesion of a mask (instance maps hold 0..255)
+MAX_LESION_INDEX = 254
+
+
 def _lesion_label(case_id: Any, lesion_index: Any) -> str:
     return f"case {case_id!r} lesion {lesion_index}"
 
@@ -40,12 +44,14 @@ def _parse_index(value: Any, where: str, source) -> int:
         raise MammoInputError(source, f"{where}: lesion_index must be a non-negative integer, got {value!r}")
     if isinstance(value, str):
         text = value.strip()
-        if not text.isdigit():
-            raise MammoInputError(source, f"{where}: lesion_index must be a non-negative integer, got {value!r}")
+        if not (text.isascii() and text.isdigit()) or len(text) > 3 or int(text) > MAX_LESION_INDEX:
+            raise MammoInputError(source, f"{where}: lesion_index must be an integer 0..{MAX_LESION_INDEX}, "
+                                          f"got {value[:40]!r}")
         return int(text)
-    if isinstance(value, int) and value >= 0:
+    if isinstance(value, int) and 0 <= value <= MAX_LESION_INDEX:
         return int(value)
-    raise MammoInputError(source, f"{where}: lesion_index must be a non-negative integer, got {value!r}")
+    shown = repr(value) if not isinstance(value, int) or abs(value) < 10**12 else "a huge number"
+    raise MammoInputError(source, f"{where}: lesion_index must be an integer 0..{MAX_LESION_INDEX}, got {shown[:40]}")
 
 
 def _parse_value(value: Any, name: str, label: str, source) -> float:
@@ -57,7 +63,10 @@ def _parse_value(value: Any, name: str, label: str, source) -> float:
         except ValueError:
             raise MammoInputError(source, f"{label}: feature {name} is not a number ({value!r})") from None
     elif isinstance(value, (int, float, np.integer, np.floating)):
-        out = float(value)
+        try:
+            out = float(value)
+        except OverflowError:
+            raise MammoInputError(source, f"{label}: feature {name} is too large for a float") from None
     else:
         raise MammoInputError(source, f"{label}: feature {name} is not a number ({value!r})")
     if not math.isfinite(out):
@@ -193,6 +202,8 @@ def _read_json(path: Path, text: str) -> list[dict]:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise MammoInputError(path, f"garbled JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # a number too long to convert, nesting too deep
+        raise MammoInputError(path, f"garbled JSON: {type(exc).__name__}: {str(exc)[:120]}") from None
     cases = obj if isinstance(obj, list) else [obj]
     rows = []
     for c, case in enumerate(cases):

@@ -64,10 +64,21 @@ def apply_dicom_grayscale(
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise MammoInputError(source, f"unsupported PhotometricInterpretation {photometric!r}")
     stored = np.asarray(stored)
+    if not np.isfinite(stored).all():
+        raise MammoInputError(source, "stored pixel values are not finite (NaN or infinity)")
+    for key in ("RescaleSlope", "RescaleIntercept"):
+        if key in params and not np.isfinite(float(params[key])):
+            raise MammoInputError(source, f"{key} is not a finite number ({params[key]!r})")
     padding = _padding_mask(stored, params)
     info: dict[str, Any] = {"n_padding": int(padding.sum())}
 
-    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    if "ModalityLUTSequence" in params:
+        # a LUT is indexed by the stored value: integers (the reader may hand over float32 copies of them)
+        stored = np.round(stored).astype(np.int64)
+    try:
+        values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    except (IndexError, ValueError, TypeError, KeyError) as err:
+        raise MammoInputError(source, f"unusable Modality LUT ({type(err).__name__}: {err})") from None
 
     n_windows = min(len(params.get("WindowCenter", [])), len(params.get("WindowWidth", [])))
     n_luts = len(params.get("VOILUTSequence", []))
@@ -87,6 +98,8 @@ def apply_dicom_grayscale(
             raise MammoInputError(source, f"window index {window_index} requested but only {n_windows} window(s) present")
         center = float(params["WindowCenter"][window_index])
         width = float(params["WindowWidth"][window_index])
+        if not (np.isfinite(center) and np.isfinite(width)):
+            raise MammoInputError(source, f"VOI window is not finite (center {center}, width {width})")
         function = str(params.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
         # A dataset with only the VOI tags and an unsigned 16-bit range: pydicom then outputs [0, 65535].
         win_ds = header_from_params(
@@ -112,10 +125,19 @@ def apply_dicom_grayscale(
         display = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
         info.update(voi="data_range", data_min=lo, data_max=hi)
 
+    if not np.isfinite(display).all():
+        raise MammoInputError(source, "the grayscale pipeline gives non-finite display values (NaN or infinity): "
+                                      "check the rescale, window and LUT tags")
     display = np.clip(display, 0.0, 1.0)
-    if photometric == "MONOCHROME1":
+    # Presentation LUT Shape INVERSE inverts the display like MONOCHROME1 does (for MONOCHROME1 images the DICOM MG
+    # IOD writes INVERSE for that same, single inversion)
+    shape = str(params.get("PresentationLUTShape", "") or "").strip().upper()
+    inverted = photometric == "MONOCHROME1" or shape == "INVERSE"
+    if inverted:
         display = 1.0 - display
-    info["inverted"] = photometric == "MONOCHROME1"
+    info["inverted"] = inverted
+    if shape:
+        info["presentation_lut_shape"] = shape
     display[padding] = 0.0
     return display.astype(np.float32), info
 
