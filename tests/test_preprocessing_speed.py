@@ -117,3 +117,58 @@ def test_table_path_with_a_voi_lut_sequence_and_negative_values():
     np.testing.assert_array_equal(fast, slow)
     expected = np.asarray(lut["LUTData"], dtype=np.float64)[np.clip(stored.astype(int) + 4, 0, 7)] / 255.0
     np.testing.assert_allclose(fast, expected, atol=3e-8)
+
+
+# ------------------------------------------------------------------------------------- GPU decoding fallback
+def _j2k_file(tmp_path):
+    from pydicom.uid import JPEG2000Lossless
+
+    from custom.data.phantom import _write_dicom, phantom_image
+
+    ph = phantom_image(4, 0, 1, (96, 80))
+    path = tmp_path / "j2k.dcm"
+    assert _write_dicom(ph.dataset, ph.stored, JPEG2000Lossless, path) == JPEG2000Lossless
+    return path, ph.stored
+
+
+@pytest.mark.parametrize("failure", ["unavailable", "raises", "not registered"])
+def test_gpu_decoding_falls_back_to_the_cpu_decoders(tmp_path, monkeypatch, failure):
+    """Without nvImageCodec (or when its plugin fails to register) JPEG 2000 still decodes, on the CPU, exactly."""
+    from monai.data import nvimgcodec_pydicom_plugin as plugin
+
+    from custom.transforms import loading
+
+    def boom():
+        raise RuntimeError("CUDA driver not found")
+
+    monkeypatch.setattr(loading, "_GPU_DECODING", None)
+    if failure == "unavailable":
+        monkeypatch.setattr(plugin, "is_nvimgcodec_available", lambda: False)
+    elif failure == "raises":
+        monkeypatch.setattr(plugin, "is_nvimgcodec_available", lambda: True)
+        monkeypatch.setattr(plugin, "register_as_decoder_plugin", lambda *a: boom())
+    else:
+        monkeypatch.setattr(plugin, "is_nvimgcodec_available", lambda: True)
+        monkeypatch.setattr(plugin, "register_as_decoder_plugin", lambda *a: False)
+    assert loading.enable_gpu_decoding() is False
+    assert loading.enable_gpu_decoding(True) is False  # asked for but unavailable: still the CPU, with a warning
+    monkeypatch.undo()  # MONAI's own LoadImage probes the plugin too: decode with the real (CPU-only) environment
+    path, stored = _j2k_file(tmp_path)
+    loader = loading.LoadMammogram(ensure_channel_first=False)
+    assert loader.gpu_decoding is False
+    np.testing.assert_array_equal(loader(str(path)).numpy(), stored)
+    assert loading.LoadMammogram(gpu_decoding=False).gpu_decoding is False
+
+
+def test_gpu_decoding_registers_the_plugin_once(monkeypatch):
+    from monai.data import nvimgcodec_pydicom_plugin as plugin
+
+    from custom.transforms import loading
+
+    calls = []
+    monkeypatch.setattr(loading, "_GPU_DECODING", None)
+    monkeypatch.setattr(plugin, "is_nvimgcodec_available", lambda: True)
+    monkeypatch.setattr(plugin, "register_as_decoder_plugin", lambda *a: calls.append(1) or True)
+    assert loading.enable_gpu_decoding() is True and loading.enable_gpu_decoding() is True
+    assert calls == [1]
+    assert loading.enable_gpu_decoding(False) is False
