@@ -172,3 +172,14 @@ def test_gpu_decoding_registers_the_plugin_once(monkeypatch):
     assert loading.enable_gpu_decoding() is True and loading.enable_gpu_decoding() is True
     assert calls == [1]
     assert loading.enable_gpu_decoding(False) is False
+
+
+def test_table_path_takes_float_stored_values_from_loadimage():
+    """MONAI's LoadImage hands the stored integers over as float32: same table result; non-integral floats take
+    the per-pixel path."""
+    params = CASES["linear rescaled"]
+    stored = np.random.default_rng(4).integers(0, 4096, (120, 90)).astype(np.uint16)
+    ref, _ = apply_dicom_grayscale(stored, params, use_table=False)
+    np.testing.assert_array_equal(apply_dicom_grayscale(stored.astype(np.float32), params)[0], ref)
+    frac = stored.astype(np.float32) + 0.25
+    np.testing.assert_array_equal(apply_dicom_grayscale(frac, params)[0], apply_dicom_grayscale(frac, params, use_table=False)[0])

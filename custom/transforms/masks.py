@@ -66,7 +66,8 @@ BREAST_MASK_WORK_SIDE = 512
 def _block_mean(img: np.ndarray, f: int) -> np.ndarray:
     """``(H // f, W // f)`` means of the ``f x f`` blocks of ``img`` (the remainder rows/columns left out)."""
     hf, wf = img.shape[0] // f, img.shape[1] // f
-    return img[: hf * f, : wf * f].reshape(hf, f, wf, f).mean(axis=(1, 3), dtype=np.float32)
+    x = torch.from_numpy(np.ascontiguousarray(img[: hf * f], dtype=np.float32))[None, None, :, : wf * f]
+    return torch.nn.functional.avg_pool2d(x, f)[0, 0].numpy()
 
 
 def _breast_mask_at(work: np.ndarray, threshold: float | None, min_open: int) -> tuple[np.ndarray, float]:
