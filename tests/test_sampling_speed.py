@@ -236,3 +236,30 @@ def test_inferer_batches_rows_like_row_by_row():
     for i, s in enumerate([4, 5, 6]):
         one = inferer(label[i : i + 1], net, features=feats[i : i + 1], seeds=[s])
         torch.testing.assert_close(batched[i : i + 1], one, atol=1e-5, rtol=1e-5)
+
+
+def test_inferer_compile_switch_samples_through_torch_compile(monkeypatch):
+    """``compile=True`` routes every denoiser call through ``torch.compile`` (here a recording stand-in: compiling
+    for real takes minutes on CPU; ``make bench --compile`` measures it) and gives the eager images."""
+    from custom.engines.inference import GCDMSamplingInferer
+
+    compiled_calls = []
+
+    def fake_compile(fn, **kwargs):
+        assert kwargs == {"dynamic": False}
+
+        def wrapped(*a, **k):
+            compiled_calls.append(1)
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    net = tiny_network()
+    label = torch.ones(2, 1, 32, 32)
+    eager = GCDMSamplingInferer(scheduler(), _StubEncoder(), num_inference_steps=3, progress=False)(label, net, seeds=[1, 2])
+    inferer = GCDMSamplingInferer(scheduler(), _StubEncoder(), num_inference_steps=3, progress=False, compile=True)
+    out = inferer(label, net, seeds=[1, 2])
+    assert len(compiled_calls) == 3  # one CFG forward per step
+    torch.testing.assert_close(out, eager)
+    inferer(label, net, seeds=[1, 2])
+    assert len(compiled_calls) == 6 and inferer._compiled[0] is net  # compiled once, reused
