@@ -516,6 +516,7 @@ def run(args: argparse.Namespace) -> str:
         f"{cores} cores, GPU {device}, torch {torch.__version__} with {torch.get_num_threads()} threads. "
         f"Load average (1/5/15 min) before: {load_before}; after: {load_average()}.",
         "",
+        *([args.note, ""] if args.note else []),
         "Each group runs its contenders in turn, round after round, and reports medians; ratios are the headline "
         "(they survive a shared machine's load better than absolute times, which are the footnote in the notes "
         "column). Model steps run on random inputs of the configs' shapes. Nothing here is a pass/fail limit.",
@@ -540,6 +541,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to compile)")
     ap.add_argument("--only", nargs="*", choices=["peers", "sampling", "radiomics", "preprocessing"])
     ap.add_argument("--tiny", action="store_true", help="toy sizes: a smoke run of every section")
+    ap.add_argument("--note", default="", help="a paragraph written under the header (e.g. what else ran on the machine)")
     args = ap.parse_args(argv)
     text = run(args)
     from custom.io import atomic_write_text
