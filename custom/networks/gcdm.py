@@ -96,6 +96,10 @@ class GCDMNetwork(nn.Module):
         reserved = sorted(k for k in unet_kwargs if k in UNET_RESERVED_KWARGS)
         if reserved:
             raise ValueError(f"GCDMNetwork: unet_kwargs may not set {reserved}; they are derived from the latents")
+        if unet_kwargs.get("use_flash_attention") and float(unet_kwargs.get("dropout_cattn", 0.0)) > 0:
+            # MONAI's SDPA path passes dropout_p whatever the mode: eval outputs would be random
+            raise ValueError("GCDMNetwork: use_flash_attention with dropout_cattn > 0 drops attention at inference too; "
+                             "turn one of them off")
         if isinstance(conditioner, Mapping):
             conditioner = LesionConditioner(**dict(conditioner))
         self.conditioner = conditioner
@@ -183,6 +187,7 @@ class GCDMNetwork(nn.Module):
         drop_features: torch.Tensor | None = None,
         drop_mask: torch.Tensor | None = None,
         extra_concat: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
         **extra_inputs: torch.Tensor,
     ) -> torch.Tensor:
         """Predict the noise of ``x``.
@@ -194,6 +199,11 @@ class GCDMNetwork(nn.Module):
                 ``mask_latent_channels == 0``); zeroed here where ``drop_mask``.
             features, lesion_masks, lesion_present, drop_features, drop_mask, extra_inputs: see :meth:`context`.
             extra_concat: ``(B, extra_concat_channels, h, w)`` when ``extra_concat_channels > 0``.
+            context: ``(B, T, token_dim)`` cross-attention context precomputed by :meth:`context` with the same
+                ``features`` / ``lesion_masks`` / ``lesion_present`` / drop flags / ``extra_inputs``. It does not
+                depend on ``x`` or ``timesteps``, so a sampler computes it once per run instead of once per step;
+                when given, ``features``, ``lesion_masks``, ``lesion_present``, ``drop_features`` and
+                ``extra_inputs`` are not read again (``drop_mask`` still zeroes the mask-latent channels).
 
         Returns:
             ``(B, latent_channels, h, w)`` predicted noise.
@@ -214,7 +224,12 @@ class GCDMNetwork(nn.Module):
         h = torch.cat(parts, dim=1)
         if self.channels_last:
             h = h.contiguous(memory_format=torch.channels_last)
-        context = self.context(features, lesion_masks, lesion_present, drop_features, drop_mask, **extra_inputs)
+        if context is None:
+            context = self.context(features, lesion_masks, lesion_present, drop_features, drop_mask, **extra_inputs)
+        elif context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[2] != self.token_dim:
+            raise ValueError(
+                f"GCDMNetwork: context must be (B={x.shape[0]}, T, {self.token_dim}), got {tuple(context.shape)}"
+            )
         return self.unet(h, timesteps, context=context.to(h.dtype))
 
     def extra_repr(self) -> str:

@@ -8,7 +8,7 @@ from custom.transforms.geometry import (
     MammoGeometryd,
     compute_geometry,
 )
-from custom.transforms.loading import LoadMammogram, LoadMammogramd
+from custom.transforms.loading import LoadMammogram, LoadMammogramd, enable_gpu_decoding
 from custom.transforms.intensity import DicomGrayscale, DicomGrayscaled, apply_dicom_grayscale
 from custom.transforms.masks import (
     BreastMask,

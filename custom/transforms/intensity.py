@@ -5,6 +5,13 @@ Order (DICOM PS3.3 C.11, C.7.6.3.1): pixel padding masked on the stored values -
 LINEAR, LINEAR_EXACT or SIGMOID, or a VOI LUT Sequence) -> MONOCHROME1 inversion. pydicom's own functions do the
 LUT arithmetic; the output range is normalised to [0, 1] from the VOI output range (never from a fixed maximum),
 as float32, so the source's full bit depth is kept (no 8-bit quantisation).
+
+Speed: a real mammogram has 13.6 million integer stored values but at most 2**16 distinct ones. For an integer
+image with a VOI window or VOI LUT, the whole chain above (pydicom's float64 arithmetic, clipping, inversion,
+padding) runs once on every stored value between the image's minimum and maximum, giving a float32 table, and the
+image is then one table look-up (a float image holding integers, as MONAI's ``LoadImage`` delivers stored values,
+is taken as the integers it holds): the output is the float64 pipeline's result rounded to float32, the same
+values as running pydicom's functions on the whole image (tested equal), in a fraction of the time.
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ __all__ = ["DicomGrayscale", "DicomGrayscaled", "apply_dicom_grayscale"]
 
 # Windowing output range used internally: unsigned 16 bit, so pydicom's y-range is [0, 65535].
 _WINDOW_BITS = 16
+# The look-up-table path is used when the stored-value range is at most this many values and the image has more
+# pixels than the table has entries.
+_TABLE_MAX_VALUES = 1 << 20
 
 
 def _padding_mask(stored: np.ndarray, params: dict[str, Any]) -> np.ndarray:
@@ -44,6 +54,7 @@ def apply_dicom_grayscale(
     window_index: int = 0,
     prefer_voi_lut: bool = True,
     source: str | None = None,
+    use_table: bool = True,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Stored pixel values -> display values in [0, 1] (float32), following the DICOM grayscale pipeline.
 
@@ -53,6 +64,8 @@ def apply_dicom_grayscale(
         window_index: which window (or VOI LUT) to use when several are present.
         prefer_voi_lut: use a VOI LUT Sequence over windows when both are present.
         source: file name for error messages.
+        use_table: allow the look-up-table path for integer images with a VOI transform (same output; see the
+            module docstring); ``False`` runs pydicom's functions on every pixel.
 
     Returns:
         ``(display, info)``: ``display`` float32 in [0, 1], 0 = darkest (air), 1 = brightest (dense tissue) for
@@ -69,6 +82,22 @@ def apply_dicom_grayscale(
     for key in ("RescaleSlope", "RescaleIntercept"):
         if key in params and not np.isfinite(float(params[key])):
             raise MammoInputError(source, f"{key} is not a finite number ({params[key]!r})")
+    has_voi = bool(params.get("VOILUTSequence")) or min(len(params.get("WindowCenter", [])), len(params.get("WindowWidth", []))) > 0
+    if use_table and has_voi and stored.dtype.kind == "f" and stored.size and abs(float(stored.min())) < 2**31 \
+            and abs(float(stored.max())) < 2**31:
+        as_int = stored.astype(np.int32)  # MONAI's LoadImage hands integer stored values over as float32
+        if np.array_equal(as_int, stored):
+            stored = as_int
+    if use_table and has_voi and np.issubdtype(stored.dtype, np.integer) and stored.size:
+        lo, hi = int(stored.min()), int(stored.max())
+        if hi - lo < _TABLE_MAX_VALUES and hi - lo + 1 < stored.size:
+            # every stored value of the range once through the per-pixel pipeline (padding included: it is a
+            # function of the stored value), then one look-up per pixel
+            table, info = apply_dicom_grayscale(np.arange(lo, hi + 1, dtype=np.int64), params, window_index,
+                                                prefer_voi_lut, source, use_table=False)
+            index = stored if lo == 0 and stored.dtype.kind == "u" else stored.astype(np.int64) - lo
+            info["n_padding"] = int(_padding_mask(stored, params).sum()) if "PixelPaddingValue" in params else 0
+            return table[index], info
     padding = _padding_mask(stored, params)
     info: dict[str, Any] = {"n_padding": int(padding.sum())}
 

@@ -59,7 +59,34 @@ def _breast_threshold(img: np.ndarray) -> float:
     return float(min(threshold_otsu(img), max(threshold_triangle(img), air + AIR_MARGIN)))
 
 
-def breast_mask(image: np.ndarray, border: float = 0.01, threshold: float | None = None) -> np.ndarray:
+#: Side (pixels) that the automatic ``reduce`` of :func:`breast_mask` aims the shorter image side at.
+BREAST_MASK_WORK_SIDE = 512
+
+
+def _block_mean(img: np.ndarray, f: int) -> np.ndarray:
+    """``(H // f, W // f)`` means of the ``f x f`` blocks of ``img`` (the remainder rows/columns left out)."""
+    hf, wf = img.shape[0] // f, img.shape[1] // f
+    x = torch.from_numpy(np.ascontiguousarray(img[: hf * f], dtype=np.float32))[None, None, :, : wf * f]
+    return torch.nn.functional.avg_pool2d(x, f)[0, 0].numpy()
+
+
+def _breast_mask_at(work: np.ndarray, threshold: float | None, min_open: int) -> tuple[np.ndarray, float]:
+    """Threshold + opening + largest component + hole filling of a border-zeroed image; returns (mask, t)."""
+    if float(work.max()) <= float(work.min()):
+        return np.zeros(work.shape, dtype=bool), float("inf")
+    t = _breast_threshold(work) if threshold is None else threshold
+    fg = work > t
+    fg = ndimage.binary_opening(fg, iterations=2) if fg.sum() > min_open else fg
+    labels, n = ndimage.label(fg)
+    if n == 0:
+        return np.zeros(work.shape, dtype=bool), t
+    sizes = ndimage.sum_labels(fg, labels, index=np.arange(1, n + 1))
+    largest = labels == (int(np.argmax(sizes)) + 1)
+    return ndimage.binary_fill_holes(largest), t
+
+
+def breast_mask(image: np.ndarray, border: float = 0.01, threshold: float | None = None,
+                reduce: int | None = None) -> np.ndarray:
     """Breast region of a display image.
 
     A global threshold (or ``threshold``) with a ``border`` fraction of each edge ignored (edge artefacts,
@@ -69,10 +96,18 @@ def breast_mask(image: np.ndarray, border: float = 0.01, threshold: float | None
     percentile (noisy air) and capped by Otsu's threshold; Otsu alone would often split dense from fatty tissue
     instead of tissue from air.
 
+    Large images (a real mammogram is 4084 x 3328) are segmented at reduced resolution: the image is averaged in
+    ``reduce x reduce`` blocks, the mask is found there, and it is mapped back to full resolution by repeating each
+    block, except in the blocks on the mask's edge, where the full-resolution pixels are thresholded with the same
+    threshold (so the edge keeps its full-resolution shape). Breast IoU against the full-resolution mask is
+    >= 0.99 (tested) at a fraction of the time (``make bench``).
+
     Args:
         image: ``(H, W)`` float in [0, 1], 0 = air.
         border: fraction of height/width zeroed at each edge before thresholding.
         threshold: fixed threshold in [0, 1] instead of Otsu.
+        reduce: block size of the reduced-resolution search; ``None`` picks ``min(H, W) // 512`` (1, i.e. full
+            resolution, for images up to 1023 pixels on the shorter side), 1 forces full resolution.
 
     Returns:
         ``(H, W)`` bool. All False for an image without any foreground.
@@ -80,23 +115,42 @@ def breast_mask(image: np.ndarray, border: float = 0.01, threshold: float | None
     img = np.asarray(image, dtype=np.float32)
     if img.ndim != 2:
         raise ValueError(f"breast_mask expects an (H, W) image, got shape {img.shape}")
-    work = img.copy()
+    f = max(1, min(img.shape) // BREAST_MASK_WORK_SIDE) if reduce is None else int(reduce)
+    if f < 1:
+        raise ValueError(f"breast_mask: reduce must be >= 1, got {reduce}")
+    f = min(f, max(1, min(img.shape) // 16))  # keep at least 16 blocks on the shorter side
     by, bx = int(round(border * img.shape[0])), int(round(border * img.shape[1]))
+    if f == 1:
+        work = img.copy()
+        if by:
+            work[:by], work[-by:] = 0, 0
+        if bx:
+            work[:, :bx], work[:, -bx:] = 0, 0
+        return _breast_mask_at(work, threshold, 1000)[0]
+
+    small = _block_mean(img, f)
+    sy, sx = int(round(border * small.shape[0])), int(round(border * small.shape[1]))
+    if sy:
+        small[:sy], small[-sy:] = 0, 0
+    if sx:
+        small[:, :sx], small[:, -sx:] = 0, 0
+    low, t = _breast_mask_at(small, threshold, 1000 // (f * f))
+    if not low.any():
+        return np.zeros(img.shape, dtype=bool)
+    # back to full resolution: whole blocks inside / outside, the full-resolution threshold on the edge blocks
+    edge = ndimage.binary_dilation(low) & ~ndimage.binary_erosion(low)
+    hf, wf = low.shape
+    full = np.repeat(np.repeat(low, f, axis=0), f, axis=1)
+    band = np.repeat(np.repeat(edge, f, axis=0), f, axis=1)
+    full[band] = img[: hf * f, : wf * f][band] > t
+    pad = ((0, img.shape[0] - hf * f), (0, img.shape[1] - wf * f))
+    if any(p[1] for p in pad):
+        full = np.pad(full, pad, mode="edge")
     if by:
-        work[:by], work[-by:] = 0, 0
+        full[:by], full[-by:] = False, False
     if bx:
-        work[:, :bx], work[:, -bx:] = 0, 0
-    if float(work.max()) <= float(work.min()):
-        return np.zeros(img.shape, dtype=bool)
-    t = _breast_threshold(work) if threshold is None else threshold
-    fg = work > t
-    fg = ndimage.binary_opening(fg, iterations=2) if fg.sum() > 1000 else fg
-    labels, n = ndimage.label(fg)
-    if n == 0:
-        return np.zeros(img.shape, dtype=bool)
-    sizes = ndimage.sum_labels(fg, labels, index=np.arange(1, n + 1))
-    largest = labels == (int(np.argmax(sizes)) + 1)
-    return ndimage.binary_fill_holes(largest)
+        full[:, :bx], full[:, -bx:] = False, False
+    return full
 
 
 def chest_wall_side(breast: np.ndarray) -> str:

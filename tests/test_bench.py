@@ -1,0 +1,41 @@
+"""Smoke run of ``make bench`` at toy sizes: every section runs and writes its table rows (no timed assertions)."""
+
+from __future__ import annotations
+
+import re
+
+
+def test_bench_tiny_writes_every_section(tmp_path):
+    from custom.bench import main
+
+    out = tmp_path / "bench.md"
+    main(["--tiny", "--repeats", "1", "--skip_paper", "--output", str(out)])
+    text = out.read_text()
+    assert text.startswith("# Benchmarks") and "Load average" in text and "cores" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| what")]
+    names = " ".join(r.split("|")[1] for r in rows)
+    for expected in ("GEMM peak", "parameters, default UNet", "training step, default UNet", "sampling step (CFG forward)",
+                     "achieved FLOP/s", "sampling, default config", "batching the rows", "lesion context once",
+                     "radiomics, 1 process", "preprocessing 204x166 uncompressed", "preprocessing 204x166 JPEG 2000"):
+        assert expected in names, expected
+    # the peer comparison has the diffusers column and identical parameter counts
+    params = next(r for r in rows if "parameters, default UNet" in r)
+    got = re.findall(r"project ([\d.]+) M / diffusers ([\d.]+) M", params)
+    assert got and got[0][0] == got[0][1] and "identical configuration" in params
+    assert all("nan" not in r.split("|")[2] for r in rows)
+
+
+def test_diffusers_peer_has_the_projects_parameter_count():
+    """The peer is the same network: diffusers' UNet2DConditionModel built from the bundle's unet_kwargs has exactly
+    the parameter count of MONAI's DiffusionModelUNet, for the default and the paper configuration."""
+    import diffusers  # a test dependency (pyproject [test])
+    from monai.networks.nets import DiffusionModelUNet
+
+    from custom.bench import unet_shapes
+
+    for name in ("default", "paper"):
+        cfg = unet_shapes(name)
+        ours = DiffusionModelUNet(spatial_dims=2, in_channels=cfg["in_channels"], out_channels=cfg["out_channels"],
+                                  with_conditioning=True, cross_attention_dim=cfg["cross"], **cfg["monai"])
+        peer = diffusers.UNet2DConditionModel(**cfg["diffusers"])
+        assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in peer.parameters()), name
