@@ -206,18 +206,6 @@ class _Batch:
         self.lesion_present[:, 1:] = 0
 
 
-def param_groups(net: nn.Module, lr: float, conditioner_lr_mult: float, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: the UNet at ``lr``, the conditioner's trainable parameters (fusion, nulls) at ``lr * mult``."""
-    inner = getattr(net, "module", net)
-    cond = [p for p in inner.conditioner.parameters() if p.requires_grad]
-    cond_ids = {id(p) for p in cond}
-    rest = [p for p in inner.parameters() if p.requires_grad and id(p) not in cond_ids]
-    return [
-        {"params": rest, "lr": lr, "weight_decay": weight_decay},
-        {"params": cond, "lr": lr * conditioner_lr_mult, "weight_decay": weight_decay},
-    ]
-
-
 def make_train_step(net: nn.Module, batch: _Batch, settings: Mapping[str, Any], device: torch.device, bf16: bool):
     """One stage-2 step (noise, CFG drops, forward, MSE on the noise, backward, AdamW) as a closure."""
     from monai.networks.schedulers import DDPMScheduler
@@ -226,7 +214,9 @@ def make_train_step(net: nn.Module, batch: _Batch, settings: Mapping[str, Any], 
 
     lr = float(settings.get("lr", 1e-4))
     mult = float(settings.get("conditioner_lr_mult", 10.0))
-    opt = torch.optim.AdamW(param_groups(net, lr, mult, float(settings.get("weight_decay", 0.01))), lr=lr)
+    from custom.networks.sd_weights import gcdm_param_groups
+
+    opt = torch.optim.AdamW(gcdm_param_groups(net, lr, mult, float(settings.get("weight_decay", 0.01))), lr=lr)
     sched = DDPMScheduler(
         num_train_timesteps=1000, schedule=settings.get("noise_schedule", "scaled_linear_beta"),
         beta_start=float(settings.get("beta_start", 0.00085)), beta_end=float(settings.get("beta_end", 0.012)),

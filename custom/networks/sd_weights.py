@@ -645,3 +645,86 @@ def load_clip_vision_ldm(path: str | os.PathLike, num_attention_heads: int | Non
         _fail(path, "CLIP image encoder", missing, left, mism)
     model.load_state_dict(out, strict=False)
     return model
+
+
+# ------------------------------------------------------------------------------------------- the paper config
+
+#: What a user without ``sd_path`` is told (paper configs).
+SD_DOWNLOAD_HINT = (
+    "GCDM starts from Stable Diffusion v1 weights on disk: download the image-conditioned SD v1 checkpoint "
+    "'sd-image-conditioned-v2.ckpt' (lambdalabs/stable-diffusion-image-conditioned, the file GCDM's README and "
+    "Zero123 use; UNet + VAE + CLIP ViT-L/14 in one file) or a diffusers Stable Diffusion v1 folder (unet/, vae/), "
+    "and pass --sd_path /path/to/it (and --mask_clip_path /path/to/clip-vit-large-patch14 when the file holds no "
+    "CLIP image encoder); or pass --sd_random_weights true for random SD-shaped weights (wiring and timing checks only)"
+)
+
+
+def check_paper_weights(sd_path: str | os.PathLike | None, mask_clip_path: str | os.PathLike | None,
+                        random_weights: bool = False) -> str | None:
+    """Validate the paper configs' weight sources before anything is built and return the CLIP source.
+
+    Returns ``mask_clip_path`` when given, else ``sd_path`` when it is an original-format single file holding a
+    CLIP image encoder (``sd-image-conditioned-v2.ckpt``), else ``None`` (only allowed with ``random_weights``).
+
+    Raises:
+        SDWeightsError: no ``sd_path`` (message says what to download and where to point it), a missing path, or
+            no CLIP image encoder anywhere at paper scale.
+    """
+    if random_weights:
+        return None if mask_clip_path is None else str(mask_clip_path)
+    if not sd_path:
+        raise SDWeightsError("sd_path", SD_DOWNLOAD_HINT)
+    path = Path(sd_path)
+    if not path.exists():
+        raise SDWeightsError(path, "Stable Diffusion weights not found (sd_path). " + SD_DOWNLOAD_HINT)
+    if mask_clip_path:
+        if not Path(mask_clip_path).exists():
+            raise SDWeightsError(mask_clip_path, "CLIP image encoder not found (mask_clip_path)")
+        return str(mask_clip_path)
+    if path.is_file() and _LDM_CLIP + "conv1.weight" in _keys(path):
+        return str(path)
+    raise SDWeightsError(path, "holds no CLIP image encoder (cond_stage_model.model.visual.*) and no mask_clip_path "
+                               "was given: GCDM's mask encoder is a pretrained, frozen CLIP ViT-L/14 — pass "
+                               "--mask_clip_path /path/to/clip-vit-large-patch14 (a transformers folder)")
+
+
+def _keys(path: Path) -> list[str]:
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    return list(read_state_dict(path).keys())
+
+
+def pretrained_gcdm(network: nn.Module, sd_path: str | os.PathLike | None, random_weights: bool = False) -> nn.Module:
+    """Fill a ``GCDMNetwork``'s UNet from ``sd_path`` (first conv widened to take the mask latent, new weights zero)
+    and return the network; with ``random_weights`` leave its random SD-shaped initialisation. A single file is
+    accounted for in full (:func:`single_file_accounting`)."""
+    if random_weights:
+        logger.warning("GCDM UNet: random SD-shaped weights (sd_random_weights); not the paper's initialisation")
+        return network
+    if not sd_path:
+        raise SDWeightsError("sd_path", SD_DOWNLOAD_HINT)
+    report = load_sd_unet(network.unet, sd_path)
+    if Path(sd_path).is_file():
+        enc = getattr(getattr(network, "conditioner", None), "mask_encoder", None)
+        clip_src = getattr(enc, "clip_path", None)
+        single_file_accounting(sd_path, clip_used=bool(clip_src) and Path(clip_src) == Path(sd_path))
+    logger.info("GCDM UNet initialised from %s", report)
+    return network
+
+
+def gcdm_param_groups(network: nn.Module, lr: float, conditioner_lr_mult: float = 10.0,
+                      weight_decay: float = 0.0) -> list[dict[str, Any]]:
+    """AdamW parameter groups of the paper recipe: the UNet (and any token sources) at ``lr``, the conditioner's
+    trainable parameters (gated fusion, CFG nulls; a frozen CLIP has none) at ``lr * conditioner_lr_mult`` (GCDM:
+    10×). Works on a ``DistributedDataParallel``-wrapped network too."""
+    inner = getattr(network, "module", network)
+    cond = [p for p in inner.conditioner.parameters() if p.requires_grad]
+    cond_ids = {id(p) for p in cond}
+    rest = [p for p in inner.parameters() if p.requires_grad and id(p) not in cond_ids]
+    return [
+        {"params": rest, "lr": float(lr), "weight_decay": float(weight_decay)},
+        {"params": cond, "lr": float(lr) * float(conditioner_lr_mult), "weight_decay": float(weight_decay)},
+    ]
