@@ -55,21 +55,12 @@ END = "<!-- gpu-check:end -->"
 GCDM_BATCH_PER_GPU = 32
 #: SD's KL-f8 VAE: 4 latent channels, 8x downsampling.
 SD_LATENT_CHANNELS = 4
-SD_VAE_KWARGS: dict[str, Any] = {
-    "channels": [128, 256, 512, 512],
-    "attention_levels": [False, False, False, False],
-    "num_res_blocks": 2,
-    "norm_num_groups": 32,
-    "norm_eps": 1e-6,
-    "with_encoder_nonlocal_attn": True,
-    "with_decoder_nonlocal_attn": True,
-}
 #: Tiny shapes of ``--cpu-smoke`` (same structure: 4 levels, attention on the first three, 2 res blocks).
 SMOKE_UNET = {"channels": [8, 8, 16, 16], "attention_levels": [True, True, True, False], "num_res_blocks": 2,
               "num_head_channels": [4, 4, 8, 8], "norm_num_groups": 4, "transformer_num_layers": 1}
 SMOKE_CLIP = {"image_size": 32, "patch_size": 16, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
               "intermediate_size": 32, "projection_dim": 16, "output": "projected"}
-SMOKE_VAE = {**SD_VAE_KWARGS, "channels": [8, 8, 8, 8], "norm_num_groups": 4}
+SMOKE_VAE = {"channels": [8, 8, 8, 8], "norm_num_groups": 4}
 
 
 def paper_settings(config_dir: Path = CONFIG_DIR, files: tuple[str, ...] = PAPER_CONFIGS) -> dict[str, Any]:
@@ -258,8 +249,9 @@ def _fmt(x: float, unit: str = "", digits: int = 3) -> str:
 
 def run_checks(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     """Steps 1-4 of the module docstring; returns table rows ``(what, figure, notes)``."""
-    from monai.networks.nets import AutoencoderKL
     from monai.networks.schedulers import DDIMScheduler
+
+    from custom.networks.sd_weights import build_sd_vae
 
     from custom.engines.sampling import ddim_sample
 
@@ -300,8 +292,7 @@ def run_checks(args: argparse.Namespace) -> list[tuple[str, str, str]]:
 
     # sampling: 8 images, 50 DDIM steps, CFG
     with torch.device(device):
-        vae = AutoencoderKL(spatial_dims=2, in_channels=3, out_channels=3, latent_channels=SD_LATENT_CHANNELS,
-                            **(SMOKE_VAE if smoke else SD_VAE_KWARGS)).eval()
+        vae = build_sd_vae(**(SMOKE_VAE if smoke else {})).eval()
     net.eval()
     n_img = args.sample_images
     sb = _Batch(n_img, latent, net.max_lesions, image_size, int(settings.get("radiomic_dim", 67)), device)
@@ -337,6 +328,23 @@ def unet_vs_diffusers(net: nn.Module, batch: _Batch, device: torch.device, bf16:
     except Exception as err:  # diffusers is optional on the GPU machine
         return [("UNet vs diffusers", "not run", f"diffusers unavailable: {type(err).__name__}: {err}"[:160])]
     monai_unet = net.unet
+    rows = []
+    # the twin's random weights loaded into the MONAI UNet through the SD key map: same outputs (fp32)?
+    from custom.networks.sd_weights import load_unet_state_dict
+
+    saved = {k: v.detach().clone() for k, v in monai_unet.state_dict().items()}
+    load_unet_state_dict(monai_unet, twin.state_dict(), "diffusers", "diffusers twin")
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 comparison
+    with torch.no_grad():
+        xe = torch.randn(2, monai_unet.in_channels, batch.z0.shape[2], batch.z0.shape[3], device=device)
+        te, ce = torch.tensor([10, 900], device=device), torch.randn(2, 1, net.token_dim, device=device)
+        twin.eval(), monai_unet.eval()
+        diff = (monai_unet(xe, te, context=ce) - twin(xe, te, encoder_hidden_states=ce).sample).abs().max().item()
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    monai_unet.load_state_dict(saved)
+    rows.append(("MONAI UNet with the diffusers twin's weights (SD key map)", f"max |Δ| = {diff:.2e}",
+                 "fp32 forward (TF32 off), 2 samples; the test suite checks <= 1e-4 on CPU"))
     n_m = sum(p.numel() for p in monai_unet.parameters())
     n_d = sum(p.numel() for p in twin.parameters())
     b = batch.z0.shape[0]
@@ -377,7 +385,7 @@ def unet_vs_diffusers(net: nn.Module, batch: _Batch, device: torch.device, bf16:
     import diffusers
 
     note = f"same config, {n_m / 1e6:.1f} M vs {n_d / 1e6:.1f} M parameters; diffusers {diffusers.__version__}"
-    return [
+    return rows + [
         (f"UNet training step, batch {b}: MONAI / diffusers",
          f"{tm * 1e3:.0f} / {td * 1e3:.0f} ms = {tm / td:.2f}×", note),
         (f"UNet sampling forward (CFG batch {2 * args.sample_images}): MONAI / diffusers",

@@ -55,6 +55,8 @@ def test_cpu_smoke_writes_one_table(tmp_path):
     assert any(k.startswith("stage-2 training step") and "images/s" in v for k, v in rows.items())
     assert any(k.startswith("sampling 2 images") and "s/image" in v for k, v in rows.items())
     assert any(k.startswith("UNet training step") and "×" in v for k, v in rows.items())
+    diff = rows["MONAI UNet with the diffusers twin's weights (SD key map)"]
+    assert float(diff.split("=")[1]) <= 1e-4
     assert any(k.startswith("DDP training, 1 process") and "images/s" in v for k, v in rows.items())
     text = md.read_text()
     assert "other section" in text and "| training MFU |" in text and "CPU" in text

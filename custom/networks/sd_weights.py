@@ -55,6 +55,7 @@ __all__ = [
     "sd_source",
     "unet_kwargs_from_diffusers",
     "load_sd_unet",
+    "load_unet_state_dict",
     "load_sd_vae",
     "load_clip_vision_ldm",
     "clip_vision_config_from_ldm",
@@ -511,6 +512,14 @@ def load_sd_unet(unet: nn.Module, sd_path: str | os.PathLike, widen_conv_in: boo
         tensors = {k[len(_LDM_UNET):]: v for k, v in tensors.items() if k.startswith(_LDM_UNET)}
         if not tensors:
             raise SDWeightsError(path, f"no UNet tensors ({_LDM_UNET}*) in this file")
+    return load_unet_state_dict(unet, tensors, fmt, path, widen_conv_in)
+
+
+def load_unet_state_dict(unet: nn.Module, tensors: Mapping[str, torch.Tensor], fmt: str,
+                         source: str | os.PathLike = "<state dict>", widen_conv_in: bool = True) -> LoadReport:
+    """:func:`load_sd_unet` from tensors already in memory (``fmt`` ``"diffusers"`` keys, or ``"ldm"`` keys without
+    the ``model.diffusion_model.`` prefix), e.g. a diffusers ``UNet2DConditionModel.state_dict()``."""
+    path = Path(source)
     report = LoadReport(str(path))
     _strict_load(unet, unet_key_map(unet, fmt), tensors, path, "UNet", tensors.keys(), report, widen=widen_conv_in)
     logger.info("%s", report)
