@@ -203,6 +203,13 @@ def main(argv: list[str] | None = None) -> None:
     ]
     from custom.io import atomic_write_text
 
+    try:  # keep the section `make gpu-check` wrote on a CUDA machine
+        previous = Path(args.output).read_text()
+        begin, end = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
+        if begin in previous and end in previous:
+            lines += [begin + previous.split(begin, 1)[1].split(end, 1)[0] + end, ""]
+    except OSError:
+        pass
     atomic_write_text(args.output, "\n".join(lines))
     print("\n".join(lines))
 
