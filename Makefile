@@ -4,6 +4,8 @@
 #   make test    environments + the test suite (what CI runs: .ci/run)
 #   make label   MONAI Label server on the phantom datastore with the trained default model
 #   make bench   throughput figures written to bundle/docs/benchmarks.md
+#   make gpu-check  paper-scale check on a CUDA machine (random SD-shaped weights), table into benchmarks.md;
+#                runs with the GPU machine's own python (GPU_PYTHON) + pure-python monai/diffusers from `make gpu-site`
 # Point it at a real VinDr-Mammo download with: make train DATASET_DIR=/path/to/vindr-mammo
 
 PYTHON ?= python3
@@ -30,7 +32,7 @@ LABEL_HOST ?= 127.0.0.1
 LABEL_PORT ?= 8000
 
 .PHONY: env label-env phantom prepare train train-autoencoder train-diffusion train-segmenter presets \
-	infer evaluate test bench figures label label-studies clean
+	infer evaluate test bench figures label label-studies clean gpu-site gpu-check
 
 env: $(STAMP)
 
@@ -97,6 +99,18 @@ test: env label-env
 
 bench: env
 	$(BIN)/python -m custom.bench --output bundle/docs/benchmarks.md
+
+# pure-python copies of monai, pytorch-ignite and diffusers from this venv, to carry to a GPU machine that has torch
+# and transformers but not the project's environment (no venv rebuild here: it only reads the installed packages)
+GPU_SITE ?= .gpu_site
+GPU_PYTHON ?= python3
+GPU_CHECK_ARGS ?=
+gpu-site:
+	@test -x $(BIN)/python || { echo "ERROR: $(BIN)/python: no project environment to copy from (make env)"; exit 1; }
+	$(BIN)/python -m custom.gpu_check --make-site $(GPU_SITE)
+
+gpu-check:
+	PYTHONPATH=$(CURDIR):$(CURDIR)/$(GPU_SITE) $(GPU_PYTHON) -m custom.gpu_check $(GPU_CHECK_ARGS)
 
 # refresh the docs pictures (loss curves, sample/reconstruction/evaluation grids) from the last make train
 figures: env

@@ -546,6 +546,13 @@ def main(argv: list[str] | None = None) -> None:
     text = run(args)
     from custom.io import atomic_write_text
 
+    try:  # keep the section `make gpu-check` wrote on a CUDA machine
+        previous = Path(args.output).read_text()
+        begin, end = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
+        if begin in previous and end in previous:
+            text += "\n" + begin + previous.split(begin, 1)[1].split(end, 1)[0] + end + "\n"
+    except OSError:
+        pass
     atomic_write_text(args.output, text)
     print(text)
 

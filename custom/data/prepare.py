@@ -324,6 +324,7 @@ class PrepareWorkflow:
         normalisation_copy: str | None = None,
         preview_cases: int = 16,
         progress: bool = True,
+        split_file: str | None = None,
     ):
         # every option checked before any work, one clear line each
         for key, value in dict(dataset_dir=dataset_dir, output_dir=output_dir, params_file=params_file,
@@ -354,6 +355,11 @@ class PrepareWorkflow:
         self.num_workers = int(num_workers or os.cpu_count() or 1)
         self.normalisation_copy = normalisation_copy
         self.preview_cases, self.progress = int(preview_cases), bool(progress)
+        self.split_selection = None
+        if split_file:
+            from custom.data.split_file import SplitSelection
+
+            self.split_selection = SplitSelection(split_file)  # read (and checked) before any expensive work
 
     # ------------------------------------------------------------------ steps
     def load_cases(self) -> tuple[list[MammoCase], list[Skipped], dict[str, int]]:
@@ -363,11 +369,19 @@ class PrepareWorkflow:
         if adapter == "auto":
             adapter = "vindr" if (self.dataset_dir / "finding_annotations.csv").is_file() else "folder"
         if adapter == "vindr":
-            return load_vindr_cases(self.dataset_dir, self.lesion_categories, self.views,
-                                    other_findings=self.other_findings)
-        if adapter == "folder":
-            return load_folder_cases(self.dataset_dir)
-        raise ValueError(f"unknown adapter {self.adapter!r} (use 'vindr', 'folder' or 'auto')")
+            cases, skipped, counts = load_vindr_cases(self.dataset_dir, self.lesion_categories, self.views,
+                                                      other_findings=self.other_findings)
+        elif adapter == "folder":
+            cases, skipped, counts = load_folder_cases(self.dataset_dir)
+        else:
+            raise ValueError(f"unknown adapter {self.adapter!r} (use 'vindr', 'folder' or 'auto')")
+        if self.split_selection is not None:
+            cases, left_out, missing = self.split_selection.select(cases)
+            counts = {**counts, "not_in_split_file": left_out, "split_file_entries_not_found": sum(missing.values())}
+            if any(missing.values()):
+                logger.warning("%s: entries not found in the dataset (after the view/category filters): %s",
+                               self.split_selection.path, missing)
+        return cases, skipped, counts
 
     def preprocess(self, cases: list[MammoCase]) -> tuple[list[dict], list[dict], int]:
         records, skipped, todo, reused = [], [], [], 0
@@ -451,8 +465,9 @@ class PrepareWorkflow:
         records = sorted((r for r in records if r["case_id"] not in failed_cases), key=lambda r: r["case_id"])
         rows = [r for r in rows if r["case_id"] not in failed_cases]
 
+        fixed = {c.case_id: c.split for c in cases} if self.split_selection is not None else {}
         for r in records:
-            r["split"] = assign_split(r["study_id"], r.get("dataset_split"), self.validation_fraction, self.test_fraction, self.seed)
+            r["split"] = fixed.get(r["case_id"]) or assign_split(r["study_id"], r.get("dataset_split"), self.validation_fraction, self.test_fraction, self.seed)
         datalist = {s: [r for r in records if r["split"] == s] for s in ("training", "validation", "test")}
         split_of = {r["case_id"]: r["split"] for r in records}
         train_rows = [row for row in rows if split_of[row["case_id"]] == "training"]

@@ -33,7 +33,8 @@ class MaskCLIPEncoder(nn.Module):
     shrinking), replicate to 3 channels, normalise with :data:`CLIP_MEAN` / :data:`CLIP_STD`.
 
     Args:
-        clip_path: local folder written by ``save_pretrained`` of a ``CLIPVisionModel``,
+        clip_path: an image-conditioned SD single file (its CLIP image encoder), or a
+            local folder written by ``save_pretrained`` of a ``CLIPVisionModel``,
             ``CLIPVisionModelWithProjection`` or a full ``CLIPModel`` (only its vision tower is loaded). ``None``
             builds a randomly initialised encoder from the arguments below.
         freeze: with ``clip_path``, set ``requires_grad=False`` on every CLIP parameter and keep the CLIP model in
@@ -156,7 +157,18 @@ class MaskCLIPEncoder(nn.Module):
 
 
 def _load_clip_vision(path: Path, model_cls: type) -> nn.Module:
-    """Load a CLIP vision tower from a local ``save_pretrained`` folder, strictly and offline."""
+    """Load a CLIP vision tower from a local ``save_pretrained`` folder, strictly and offline, or from an
+    image-conditioned Stable Diffusion single file (``cond_stage_model.model.visual.*``, e.g.
+    ``sd-image-conditioned-v2.ckpt``; see :func:`custom.networks.sd_weights.load_clip_vision_ldm`)."""
+    if path.is_file():
+        from .sd_weights import load_clip_vision_ldm
+
+        projected = load_clip_vision_ldm(path)
+        if model_cls is type(projected):
+            return projected
+        model = model_cls(projected.config)
+        getattr(model, "vision_model", model).load_state_dict(projected.vision_model.state_dict(), strict=True)
+        return model
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: CLIP checkpoint folder does not exist (clip_path)")
     config_file = path / "config.json"
