@@ -230,9 +230,13 @@ def test_end_to_end_layout_regeneration_and_mix(models, prepared_dir, tmp_path):
     from custom.data.training import load_prepared_datalist, prepared_transforms
 
     out = tmp_path / "cohort"
-    _run(models, prepared_dir, out, mix_with=str(prepared_dir))
+    _run(models, prepared_dir, out, mix_with=str(prepared_dir), formats=["png", "dcm"])
     datalist = json.loads((out / "datalist.json").read_text())
     assert len(datalist["training"]) == 4
+    import pydicom
+
+    ds = pydicom.dcmread(out / datalist["training"][0]["dicom"])
+    assert ds.Modality == "MG" and ds.BitsStored == 16 and "SYNTHETIC" in str(ds.SeriesDescription).upper()
     # prepare's layout: training code reads it unchanged
     items = load_prepared_datalist(out, "training", max_lesions=2)
     d = prepared_transforms(SIZE, 1.5, 2)(dict(items[0]))
