@@ -178,6 +178,10 @@ def test_merge_over_1_2_3_ranks(library, normaliser, prepared_dir, tmp_path):
         assert ids == [image_id("m", i) for i in range(n)]  # every image once, in index order
         assert summary["images"] == n and all(e["synthetic"] for e in datalist["training"])
         assert datalist["validation"] == [] and datalist["test"] == []
+        for e in datalist["training"]:  # boxes, BI-RADS and raw features of every lesion ride along
+            assert len(e["findings"]) == len(e["lesion_features"]) == e["num_lesions"]
+            assert all(f["birads"] and len(f["box"]) == 4 for f in e["findings"])
+            assert all(len(r) == 68 for r in e["lesion_features"])  # lesion_index + 67 features
     # a missing image stops the merge (nothing written over the datalist)
     (tmp_path / "w2" / "records" / f"{image_id('m', 3)}.json").unlink()
     before = (tmp_path / "w2" / "datalist.json").read_text()

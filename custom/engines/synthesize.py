@@ -11,7 +11,8 @@ folder unchanged::
     D/dicom/<id>.dcm      16-bit synthetic MG DICOM (with ``formats`` containing "dcm")
     D/records/<id>.json   the datalist entry + the image's **recipe** and seed (written last: "this image is done")
     D/shards/rank<r>.json what rank r wrote in its last run and its images/s
-    D/datalist.json       MONAI datalist: ``training`` = every synthetic image (``synthetic: true``), empty
+    D/datalist.json       MONAI datalist: ``training`` = every synthetic image (``synthetic: true``, findings with
+                          box / category / BI-RADS, ``malignancy``, raw ``lesion_features``, seed), empty
                           ``validation`` / ``test`` (evaluate on real data)
     D/features.csv        raw radiomic features of every synthetic lesion (the 67 PyRadiomics names)
     D/feature_normalisation.json  the normaliser the conditions were built with (the model's)
@@ -704,7 +705,9 @@ def merge_cohort(output_dir: str | os.PathLike, num_images: int, run_tag: str, n
             missing.append(i)
             continue
         rows.extend(rec.get("features") or [])
-        entries.append({k: v for k, v in rec.items() if k not in ("features", "recipe")})
+        entry = {k: v for k, v in rec.items() if k not in ("features", "recipe")}
+        entry["lesion_features"] = [{k: v for k, v in row.items() if k != "case_id"} for row in rec.get("features") or []]
+        entries.append(entry)
     if missing:
         shown = ", ".join(map(str, missing[:10])) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
         raise MammoInputError(out, f"images {shown} are not finished: run the same command again to complete them")
