@@ -6,6 +6,8 @@
 #   make bench   throughput figures written to bundle/docs/benchmarks.md
 #   make gpu-check  paper-scale check on a CUDA machine (random SD-shaped weights), table into benchmarks.md;
 #                runs with the GPU machine's own python (GPU_PYTHON) + pure-python monai/diffusers from `make gpu-site`
+#   make synthesize  after make train: a synthetic cohort (prepare's layout) + a real+synthetic datalist
+#   make downstream  after make synthesize: task model on real / real+synthetic / synthetic, tested on real
 # Point it at a real VinDr-Mammo download with: make train DATASET_DIR=/path/to/vindr-mammo
 
 PYTHON ?= python3
@@ -21,6 +23,10 @@ DATASET_DIR ?= $(PHANTOM_DIR)
 PREPARED_DIR ?= $(DATA_DIR)/prepared
 MODELS_DIR ?= bundle/models
 RUNS_DIR ?= runs
+SYNTHETIC_DIR ?= $(DATA_DIR)/synthetic
+SYN_IMAGES ?= 120
+SYN_DDIM_STEPS ?= 20
+SYN_NPROC ?= 1
 BUNDLE := $(BIN)/python -m monai.bundle
 STAGE2_CONFIGS := "['bundle/configs/train_autoencoder.json','bundle/configs/train_diffusion.json']"
 
@@ -32,7 +38,7 @@ LABEL_HOST ?= 127.0.0.1
 LABEL_PORT ?= 8000
 
 .PHONY: env label-env phantom prepare train train-autoencoder train-diffusion train-segmenter presets \
-	infer evaluate test bench figures label label-studies clean gpu-site gpu-check
+	infer evaluate test bench figures label label-studies clean gpu-site gpu-check synthesize downstream
 
 env: $(STAMP)
 
@@ -93,6 +99,19 @@ evaluate: env
 
 train: train-autoencoder
 	$(MAKE) train-diffusion train-segmenter presets infer evaluate
+
+# SYN_NPROC > 1 runs the same command under torchrun (gloo on CPU, nccl on GPUs); a re-run resumes
+synthesize: env
+	@test -f $(MODELS_DIR)/model.pt || { echo "ERROR: $(MODELS_DIR)/model.pt: no trained model: run 'make train' first"; exit 1; }
+	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(if $(filter-out 1,$(SYN_NPROC)),$(BIN)/torchrun --standalone --nproc_per_node $(SYN_NPROC) -m monai.bundle,$(BUNDLE)) \
+		run synthesize --config_file bundle/configs/synthesize.json --ckpt_dir $(MODELS_DIR) \
+		--prepared_dir $(PREPARED_DIR) --output_dir $(SYNTHETIC_DIR) --num_images $(SYN_IMAGES) \
+		--ddim_steps $(SYN_DDIM_STEPS) --mix_with $(PREPARED_DIR)
+
+downstream: env
+	@test -f $(SYNTHETIC_DIR)/mixed/datalist.json || $(MAKE) synthesize
+	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(BUNDLE) run downstream --config_file bundle/configs/downstream.json \
+		--prepared_dir $(PREPARED_DIR) --synthetic_dir $(SYNTHETIC_DIR) --output_dir $(RUNS_DIR)/downstream
 
 test: env label-env
 	$(BIN)/python -m pytest -q tests

@@ -7,7 +7,8 @@ Sub-packages, one concern each:
 - ``custom.features``: PyRadiomics feature extraction, feature files, their normalisation, lesion presets.
 - ``custom.networks``: gated fusion, mask CLIP encoder, lesion conditioner, the GCDM denoiser.
 - ``custom.engines``: Ignite trainers/evaluators (``monai.engines``), prepare-batch classes, inferers, handlers,
-  DDIM sampling, checkpoints, the inference and evaluation workflows.
+  DDIM sampling, checkpoints, the inference, evaluation, synthesize (sharded synthetic cohorts) and downstream
+  (task model on real / real+synthetic / synthetic) workflows.
 - ``custom.metrics``: controllability (pooled IoU, Dice), FRD, FID/segmenter-feature distance, diversity.
 - ``custom.label_app``: the MONAI Label app (runs in its own environment, calls the bundle's inference).
 """
