@@ -9,6 +9,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from fastapi import HTTPException
+
 from monailabel.interfaces.tasks.strategy import Strategy
 
 __all__ = ["OriginalImage", "LatestSynthetic", "is_synthetic"]
@@ -36,8 +38,10 @@ class OriginalImage(Strategy):
     def __call__(self, request, datastore):
         images = datastore.list_images()
         wanted = str(request.get("image") or "").strip()
-        if wanted:  # an unknown id gives no sample rather than a silently different image
-            return _sample(datastore, wanted) if wanted in images else None
+        if wanted:  # an unknown id is an error rather than a silently different image
+            if wanted not in images:
+                raise HTTPException(status_code=404, detail=f"image {wanted[:80]!r} not found in the datastore")
+            return _sample(datastore, wanted)
         originals = [i for i in images if not is_synthetic(datastore.get_image_info(i))]
         if not originals:
             return None
