@@ -3,6 +3,7 @@
 #                + lesion segmenter + presets + inference on a few test masks + evaluation (CPU-sized default)
 #   make test    environments + the test suite (what CI runs: .ci/run)
 #   make label   MONAI Label server on the phantom datastore with the trained default model
+#   make pacs    Orthanc PACS (DICOMweb) with the phantom studies + MONAI Label on it, OHIF at /ohif/ (make pacs-stop)
 #   make bench   throughput figures written to bundle/docs/benchmarks.md
 # Point it at a real VinDr-Mammo download with: make train DATASET_DIR=/path/to/vindr-mammo
 
@@ -28,9 +29,14 @@ LABEL_STAMP := $(LABEL_VENV)/.mammo_gcdm-label-installed
 LABEL_STUDIES ?= $(DATA_DIR)/label_studies
 LABEL_HOST ?= 127.0.0.1
 LABEL_PORT ?= 8000
+PACS_DIR ?= $(DATA_DIR)/pacs
+PACS_PORT ?= 8042
+# system packages: Orthanc + its DICOMweb plugin (make pacs, tests), Chromium + its driver (the viewer test)
+SYSTEM_PACKAGES := orthanc orthanc-dicomweb chromium chromium-driver
+SUDO := $(shell test "$$(id -u)" = 0 || echo sudo)
 
 .PHONY: env label-env phantom prepare train train-autoencoder train-diffusion train-segmenter presets \
-	infer evaluate test bench figures label label-studies clean
+	infer evaluate test bench figures label label-studies clean system-deps pacs pacs-stop
 
 env: $(STAMP)
 
@@ -92,7 +98,13 @@ evaluate: env
 train: train-autoencoder
 	$(MAKE) train-diffusion train-segmenter presets infer evaluate
 
-test: env label-env
+# Debian packages, installed only when one is missing
+system-deps:
+	@test -x /usr/sbin/Orthanc -a -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so -a -x /usr/bin/chromium \
+		-a -x /usr/bin/chromedriver || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		$(SUDO) apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES); }
+
+test: env label-env system-deps
 	$(BIN)/python -m pytest -q tests
 
 bench: env
@@ -115,6 +127,19 @@ label: env label-env presets label-studies
 		--uvicorn_app custom.label_app.asgi:app \
 		--conf models mammo_gcdm --conf product_python $(BIN)/python --conf ckpt_dir $(MODELS_DIR) \
 		--host $(LABEL_HOST) --port $(LABEL_PORT) --log_config custom/label_app/logging.json
+
+# a PACS as a hospital runs it: Orthanc (loopback, config custom/label_app/pacs/orthanc.json) with the phantom
+# studies, MONAI Label on it (DICOMweb datastore, MG filter), OHIF at http://127.0.0.1:$(LABEL_PORT)/ohif/
+pacs: env label-env system-deps presets label-studies
+	@test -f $(MODELS_DIR)/model.pt || { echo "no trained model in $(MODELS_DIR): run 'make train' first"; exit 1; }
+	$(LABEL_BIN)/python custom/label_app/pacs/pacs.py start --dir $(PACS_DIR) --port $(PACS_PORT)
+	$(BIN)/python custom/label_app/pacs/pacs.py upload --dir $(PACS_DIR) --port $(PACS_PORT) --studies $(LABEL_STUDIES) \
+		--decompress
+	$(LABEL_BIN)/python custom/label_app/pacs/pacs.py serve --dir $(PACS_DIR) --port $(PACS_PORT) \
+		--label_port $(LABEL_PORT) --label_python $(LABEL_BIN)/python --product_python $(BIN)/python --ckpt_dir $(MODELS_DIR)
+
+pacs-stop:
+	$(PYTHON) custom/label_app/pacs/pacs.py stop --dir $(PACS_DIR)
 
 clean:
 	rm -rf $(DATA_DIR) $(RUNS_DIR) .pytest_cache

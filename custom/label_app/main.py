@@ -21,6 +21,9 @@ App options (``--conf <key> <value>``; paths relative to the repository root):
 ``timeout``           seconds one synthesis may take (default 900)
 ``extensions``        datastore image patterns (default ``*.dcm,*.dicom,*.png``: DICOM mammograms, 16-bit PNG)
 ``queue_size``        syntheses that may wait while one runs (default 4); more get HTTP 429 "busy"
+``worker``            ``true`` (default): a long-lived product-side worker (``custom/serving/worker.py``) keeps the
+                      model loaded between requests; ``false``: one product CLI process per request
+``worker_threads``    torch CPU threads of the worker (default 0: torch's default, all cores)
 ====================  ==============================================================================================
 
 The server must be started with this app's request guard, ``--uvicorn_app custom.label_app.asgi:app`` (from the
@@ -35,6 +38,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Dict
 
@@ -47,9 +51,11 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.strategy import Strategy
 
 from lib.guard import GuardedLocalDatastore, SynthesisQueue, check_image_id, inside
+from lib.dicomweb import make_dicomweb_datastore
 from lib.features import FeatureError, FeatureLibrary, PresetLibrary
 from lib.infer_synthesis import LABELS, SynthesisTask
 from lib.product import ProductSettings
+from lib.worker_client import WorkerClient
 from lib.strategies import LatestSynthetic, OriginalImage
 
 logger = logging.getLogger(__name__)
@@ -105,6 +111,14 @@ class MammoGCDMApp(MONAILabelApp):
             self.queue = SynthesisQueue(size=int(conf.get("queue_size") or 4))
         except ValueError as err:
             raise ValueError(f"--conf queue_size: {err}") from None
+        self.worker = None
+        if str(conf.get("worker", "true")).strip().lower() not in ("false", "0", "no", "off"):
+            try:
+                threads = int(conf.get("worker_threads") or 0)
+            except ValueError:
+                raise ValueError(f"--conf worker_threads: not an integer: {conf.get('worker_threads')!r}") from None
+            self.worker = WorkerClient(self.product, num_threads=threads)
+            threading.Thread(target=self.worker.start, name="product-worker-start", daemon=True).start()
         if "custom.label_app.asgi" not in sys.modules:
             raise RuntimeError("start the server with this app's request guard: --uvicorn_app custom.label_app.asgi:app "
                                "(from the repository root; `make label` does)")
@@ -125,7 +139,8 @@ class MammoGCDMApp(MONAILabelApp):
     # -------------------------------------------------------------------------------------------- components
     def init_datastore(self) -> Datastore:
         if self.studies.startswith("http://") or self.studies.startswith("https://"):
-            return super().init_datastore()
+            logger.info("Init DICOMweb datastore %s (no dcmqi download: see lib/dicomweb.py)", self.studies)
+            return make_dicomweb_datastore(self.studies)
         logger.info("Init datastore for %s with %s", self.studies, self.extensions)
         return GuardedLocalDatastore(
             self.studies,
@@ -137,7 +152,8 @@ class MammoGCDMApp(MONAILabelApp):
     def init_infers(self) -> Dict[str, InferTask]:
         return {
             MODEL_NAME: SynthesisTask(self.product, self.presets, self.library, self.datastore,
-                                      default_preset=self.default_preset, presets_error=self.presets_error)
+                                      default_preset=self.default_preset, presets_error=self.presets_error,
+                                      worker=self.worker)
         }
 
     def init_strategies(self) -> Dict[str, Strategy]:
@@ -188,4 +204,5 @@ class MammoGCDMApp(MONAILabelApp):
         meta["product"] = {"python": str(self.product.python), "config_files": self.product.config_files,
                            "ckpt_dir": str(self.product.ckpt_dir)}
         meta["queue"] = self.queue.status()
+        meta["product"]["worker"] = dict(self.worker.info) if self.worker is not None else None
         return meta

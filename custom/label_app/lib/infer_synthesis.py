@@ -49,6 +49,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from lib.features import FeatureError, FeatureLibrary, PresetLibrary, request_features
 from lib.labels import Drawing, LabelError, count_lesions, parse_boxes, read_label, roi_to_box, safe_name, split_label, write_png
 from lib.product import ProductError, ProductSettings, run_product
+from lib.worker_client import WorkerClient
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +121,9 @@ class SynthesisTask(InferTask):
                  datastore: Callable[[], Any], default_preset: str | None = "typical",
                  description: str = "GCDM: synthesise a lesion where you drew it (keep mode) or a whole new mammogram "
                                     "(whole mode), with the chosen lesion kind",
-                 presets_error: str | None = None):
+                 presets_error: str | None = None, worker: WorkerClient | None = None):
         self.product = product
+        self.worker = worker
         self.presets = presets
         self.presets_error = presets_error
         self.library = library
@@ -214,14 +216,26 @@ class SynthesisTask(InferTask):
 
     def _store(self, new_id: str, dcm: Path, info: dict) -> str:
         ds = self._datastore()
-        client = getattr(ds, "_client", None)
-        if client is not None and type(ds).__name__ == "DICOMWebDatastore":
-            from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
-
-            series = dicom_web_upload_dcm(str(dcm), client)
+        if hasattr(ds, "series_attributes"):  # the DICOMweb datastore: STOW-RS, the id is the new series UID
+            series = ds.add_image(new_id, str(dcm), info)
             info["dicomweb_series"] = series
-            return series or new_id
+            return series
         return ds.add_image(new_id, str(dcm), info)
+
+    def _run(self, op: str, args: dict, replacements) -> None:
+        """One product call: through the long-lived worker when the app has one, else the product's CLI."""
+        if self.worker is None:
+            if op == "breast_mask":
+                run_product(self.product, args, replacements, script=[str(_BREAST_SCRIPT)])
+            else:
+                self._run("infer", args, replacements)
+            return
+        try:
+            self.worker.call(op, args)
+        except ProductError as err:
+            for old, new in replacements:
+                err.message = err.message.replace(old, new)
+            raise
 
     # ------------------------------------------------------------------------------------------------ run
     def __call__(self, request) -> Tuple[Union[str, None], Dict]:
@@ -273,11 +287,10 @@ class SynthesisTask(InferTask):
                     args["breast_mask_file"] = str(write_png(tmp / "drawn_breast.png", breast.astype(np.uint8) * 255))
                 elif mode != "keep":  # whole image without a drawn breast: the breast of the source image
                     auto = tmp / "auto_breast.png"
-                    run_product(self.product, {"image_file": str(source), "output": str(auto)}, replacements,
-                                script=[str(_BREAST_SCRIPT)])
+                    self._run("breast_mask", {"image_file": str(source), "output": str(auto)}, replacements)
                     args["breast_mask_file"] = str(auto)
                 if boxes:
-                    args["lesion_box"] = json.dumps(boxes[0] if len(boxes) == 1 else boxes).replace(" ", "")
+                    args["lesion_box"] = boxes[0] if len(boxes) == 1 else boxes
                 else:
                     args["lesion_mask_file"] = str(write_png(tmp / "drawn_lesion.png",
                                                              drawing.lesion.astype(np.uint8) * 255))
@@ -292,7 +305,7 @@ class SynthesisTask(InferTask):
             args.update({"output_dir": str(out_dir), "case_id": new_id, "seed": seed, "num_samples": 1,
                          "guidance_scale": guidance, "ddim_steps": None if steps is None else int(steps),
                          "progress": False})
-            run_product(self.product, args, replacements)
+            self._run("infer", args, replacements)
 
             stem = out_dir / f"{new_id}_seed{seed}"
             files = {k: Path(str(stem) + s) for k, s in FORMATS.items()}
