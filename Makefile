@@ -3,6 +3,7 @@
 #                + lesion segmenter + presets + inference on a few test masks + evaluation (CPU-sized default)
 #   make test    environments + the test suite (what CI runs: .ci/run)
 #   make label   MONAI Label server on the phantom datastore with the trained default model
+#   make pacs    Orthanc PACS (DICOMweb) with the phantom studies + MONAI Label on it, OHIF at /ohif/ (make pacs-stop)
 #   make bench   throughput figures written to bundle/docs/benchmarks.md
 #   make gpu-check  paper-scale check on a CUDA machine (random SD-shaped weights), table into benchmarks.md;
 #                runs with the GPU machine's own python (GPU_PYTHON) + pure-python monai/diffusers from `make gpu-site`
@@ -36,9 +37,14 @@ LABEL_STAMP := $(LABEL_VENV)/.mammo_gcdm-label-installed
 LABEL_STUDIES ?= $(DATA_DIR)/label_studies
 LABEL_HOST ?= 127.0.0.1
 LABEL_PORT ?= 8000
+PACS_DIR ?= $(DATA_DIR)/pacs
+PACS_PORT ?= 8042
+# system packages: Orthanc + its DICOMweb plugin (make pacs, tests), Chromium + its driver (the viewer test)
+SYSTEM_PACKAGES := orthanc orthanc-dicomweb chromium chromium-driver
+SUDO := $(shell test "$$(id -u)" = 0 || echo sudo)
 
 .PHONY: env label-env phantom prepare train train-autoencoder train-diffusion train-segmenter presets \
-	infer evaluate test bench figures label label-studies clean gpu-site gpu-check synthesize downstream
+	infer evaluate test bench figures label label-studies clean gpu-site gpu-check synthesize downstream system-deps pacs pacs-stop
 
 env: $(STAMP)
 
@@ -113,7 +119,13 @@ downstream: env
 	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(BUNDLE) run downstream --config_file bundle/configs/downstream.json \
 		--prepared_dir $(PREPARED_DIR) --synthetic_dir $(SYNTHETIC_DIR) --output_dir $(RUNS_DIR)/downstream
 
-test: env label-env
+# Debian packages, installed only when one is missing
+system-deps:
+	@test -x /usr/sbin/Orthanc -a -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so -a -x /usr/bin/chromium \
+		-a -x /usr/bin/chromedriver || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		$(SUDO) apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES); }
+
+test: env label-env system-deps
 	$(BIN)/python -m pytest -q tests
 
 bench: env
@@ -140,9 +152,27 @@ label-studies: env
 
 label: env label-env presets label-studies
 	@test -f $(MODELS_DIR)/model.pt || { echo "no trained model in $(MODELS_DIR): run 'make train' first"; exit 1; }
+	@case "$(LABEL_HOST)" in 127.*|localhost|::1) ;; *) test "$$MONAI_LABEL_AUTH_ENABLE" = true || { \
+		echo "ERROR: LABEL_HOST=$(LABEL_HOST): serving beyond loopback needs MONAI Label's authentication" \
+			"(MONAI_LABEL_AUTH_ENABLE=true, MONAI_LABEL_AUTH_REALM_URI=<Keycloak realm>; see custom/label_app/README.md)"; \
+		exit 1; } ;; esac
 	$(LABEL_BIN)/python -m monailabel.main start_server --app custom/label_app --studies $(LABEL_STUDIES) \
+		--uvicorn_app custom.label_app.asgi:app \
 		--conf models mammo_gcdm --conf product_python $(BIN)/python --conf ckpt_dir $(MODELS_DIR) \
 		--host $(LABEL_HOST) --port $(LABEL_PORT) --log_config custom/label_app/logging.json
+
+# a PACS as a hospital runs it: Orthanc (loopback, config custom/label_app/pacs/orthanc.json) with the phantom
+# studies, MONAI Label on it (DICOMweb datastore, MG filter), OHIF at http://127.0.0.1:$(LABEL_PORT)/ohif/
+pacs: env label-env system-deps presets label-studies
+	@test -f $(MODELS_DIR)/model.pt || { echo "no trained model in $(MODELS_DIR): run 'make train' first"; exit 1; }
+	$(LABEL_BIN)/python custom/label_app/pacs/pacs.py start --dir $(PACS_DIR) --port $(PACS_PORT)
+	$(BIN)/python custom/label_app/pacs/pacs.py upload --dir $(PACS_DIR) --port $(PACS_PORT) --studies $(LABEL_STUDIES) \
+		--decompress
+	$(LABEL_BIN)/python custom/label_app/pacs/pacs.py serve --dir $(PACS_DIR) --port $(PACS_PORT) \
+		--label_port $(LABEL_PORT) --label_python $(LABEL_BIN)/python --product_python $(BIN)/python --ckpt_dir $(MODELS_DIR)
+
+pacs-stop:
+	$(PYTHON) custom/label_app/pacs/pacs.py stop --dir $(PACS_DIR)
 
 clean:
 	rm -rf $(DATA_DIR) $(RUNS_DIR) .pytest_cache

@@ -210,9 +210,11 @@ class Server:
         assert status == 200, (status, body[:500], self.log_tail())
         return json.loads(body)
 
-    def infer(self, image: str, params: dict, label: Path | None = None, output: str | None = None):
+    def infer(self, image: str, params: dict, label: Path | None = None, output: str | None = None,
+              timeout: float = 240):
         q = f"/infer/{MODEL}?image={urllib.parse.quote(image)}" + (f"&output={output}" if output else "")
-        return self.request("POST", q, fields={"params": json.dumps(params)}, files={"label": label} if label else {})
+        return self.request("POST", q, fields={"params": json.dumps(params)}, files={"label": label} if label else {},
+                            timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -228,9 +230,11 @@ def server(prepared_dir, tmp_path_factory):
     assert res.returncode == 0 and len(list(studies.glob("*.dcm"))) == 2, res.stdout + res.stderr
     port = _free_port()
     cmd = [str(label_python), "-m", "monailabel.main", "start_server", "--app", str(APP), "--studies", str(studies),
+           "--uvicorn_app", "custom.label_app.asgi:app",
            "--conf", "models", MODEL, "--conf", "product_python", sys.executable,
            "--conf", "ckpt_dir", str(models), "--conf", "inference_config", ",".join(TINY_CONFIGS),
            "--conf", "feature_library", str(Path(prepared_dir) / "features.csv"), "--conf", "timeout", "200",
+           "--conf", "queue_size", "1",
            "--host", "127.0.0.1", "--port", str(port), "--log_config", str(APP / "logging.json")]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(MONAI_LABEL_SESSION_PATH=str(root / "sessions"), MONAI_LABEL_DATASTORE_AUTO_RELOAD="false",
@@ -440,3 +444,166 @@ def test_errors_are_readable_and_the_server_keeps_serving(server, scene):
     assert server.request("GET", "/info/")[0] == 200
     objects = server.json("/datastore/?output=all")["objects"]
     assert not [k for k in objects if "_s3" in k]                      # a failed request stores nothing
+
+
+# ================================================================================================ access rules (issue 8)
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))}
+
+
+def test_requests_cannot_reach_outside_the_datastore(server, scene):
+    q = urllib.parse.quote
+    outside = server.models.parent / "outside"
+    outside.mkdir(exist_ok=True)
+    secret = outside / "secret.dcm"
+    shutil.copyfile(server.studies / f"{scene['id']}.dcm", secret)   # a valid mammogram, but not in the datastore
+    before_outside, before_store = _snapshot(outside), _snapshot(server.studies)
+    box = {"lesion_box": "10,10,20,20", "steps": 2, "seed": 9}
+    rel = os.path.relpath(outside, server.studies)
+    cases = [
+        ("infer: absolute path as image", server.infer(str(secret), box)),
+        ("infer: relative path as image", server.infer(f"../{scene['id']}", box)),
+        ("infer: image set in params", server.infer(scene["id"], {**box, "image": str(secret)})),
+        ("infer: label set in params", server.infer(scene["id"], {"label": str(secret), "steps": 2})),
+        ("infer: label path in params", server.infer(scene["id"], {"label": "/etc/passwd", "steps": 2})),
+        ("label: tag traversal", server.request("PUT", f"/datastore/label?image={scene['id']}&tag={q(rel + '/x')}",
+                                                files={"label": scene["lesion_label"]})),
+        ("label: tag ../", server.request("PUT", f"/datastore/label?image={scene['id']}&tag={q('../../x')}",
+                                          files={"label": scene["lesion_label"]})),
+        ("label: image traversal", server.request("PUT", f"/datastore/label?image={q(rel + '/y')}&tag=final",
+                                                  files={"label": scene["lesion_label"]})),
+        ("image: id traversal", server.request("PUT", f"/datastore/image?image={q(rel + '/z')}",
+                                               files={"file": secret})),
+        ("get label: tag traversal", server.request("GET", f"/datastore/label?label={scene['id']}&tag={q('../..')}")),
+        ("get image: absolute", server.request("GET", f"/datastore/image?image={q(str(secret))}")),
+        ("delete label: tag traversal", server.request("DELETE", f"/datastore/label?id={scene['id']}&tag={q('../..')}")),
+        ("delete image: traversal", server.request("DELETE", f"/datastore/image?id={q('../' + scene['id'])}")),
+        ("image info: traversal", server.request("GET", f"/datastore/image/info?image={q('../x')}")),
+    ]
+    for what, (status, body, _) in cases:
+        assert 400 <= status < 500, (what, status, body[:300])
+        assert isinstance(json.loads(body)["detail"], str), (what, body[:300])
+    assert _snapshot(outside) == before_outside                    # nothing written (or replaced) outside
+    assert _snapshot(server.studies) == before_store               # nor anything stored in the datastore
+    status, body, _ = server.request("GET", "/ohif/..%2F..%2F..%2F..%2Fetc%2Fpasswd")
+    assert b"root:" not in body                                     # the viewer's fallback page, never the file
+
+
+def test_malformed_requests_get_4xx_with_a_readable_message(server, scene):
+    image = scene["id"]
+    box = '"lesion_box": "10,10,20,20"'
+    raw_params = ["{bad json", "[1, 2]", "null", '{"seed": 1e400, ' + box + "}", '{"steps": "nan", ' + box + "}",
+                  '{"steps": 1e12, ' + box + "}", '{"steps": 2.5, ' + box + "}", '{"guidance_scale": NaN, ' + box + "}",
+                  '{"guidance_scale": Infinity, ' + box + "}", '{"guidance_scale": "-inf", ' + box + "}",
+                  '{"seed": 1e30, ' + box + "}", '{"seed": -1, ' + box + "}", '{"seed": [1], ' + box + "}",
+                  '{"mode": {"a": 1}, ' + box + "}", '{"lesion_box": "1e400,0,1,1"}', '{"lesion_box": [[[1]]]}',
+                  '{"format": "exe", ' + box + "}", '{"preset": "no_such_kind", ' + box + "}", "{}"]
+    requests = [("POST", f"/infer/{MODEL}?image={image}", {"fields": {"params": p}}) for p in raw_params]
+    requests += [
+        ("POST", f"/infer/no_such_model?image={image}", {"fields": {"params": "{}"}}),
+        ("POST", f"/infer/{MODEL}", {"fields": {"params": "{" + box + "}"}}),
+        ("POST", f"/infer/{MODEL}?image={image}&output=dicom_seg", {"fields": {"params": "{" + box + "}"}}),
+        ("POST", f"/infer/{MODEL}?image={image}&output=bogus", {"fields": {"params": "{" + box + "}"}}),
+        ("POST", f"/infer/{MODEL}?session_id=nope", {"fields": {"params": "{}"}}),
+        ("POST", f"/infer/{MODEL}?image={image}", {"fields": {"params": "{}"}, "files": {"file": scene["lesion_label"]}}),
+        ("POST", "/infer/wsi/mammo_gcdm?image=x", {"json_body": {}}),
+        ("PUT", f"/datastore/image/info?image={image}", {"fields": {"info": "not json"}}),
+        ("PUT", "/datastore/image/info?image=nope", {"fields": {"info": "{}"}}),
+        ("PUT", f"/datastore/label/info?label={image}&tag=final", {"fields": {"info": "{bad"}}),
+        ("PUT", f"/datastore/updatelabelinfo?label={image}&tag=final", {"fields": {"info": "[]"}}),
+        ("DELETE", "/datastore/image?id=nope", {}),
+        ("GET", "/datastore/?output=bogus", {}),
+        ("POST", "/activelearning/no_such_strategy", {"json_body": {}}),
+        ("POST", "/activelearning/original", {"json_body": {"image": "../x"}}),
+        ("POST", "/train/no_such_model", {"json_body": {}}),
+        ("POST", "/scoring/no_such_method", {"json_body": {}}),
+        ("POST", "/batch/infer/no_such_model", {"json_body": {}}),
+        ("PUT", f"/model/{MODEL}", {"files": {"file": scene["lesion_label"]}}),
+        ("PUT", "/session/", {"files": {"files": scene["lesion_label"]}}),
+        ("GET", "/proxy/dicom/qido/studies", {}),
+    ]
+    if shutil.which("nvidia-smi") is None:
+        requests.append(("GET", "/logs/gpu", {}))
+    for method, path, kw in requests:
+        status, body, _ = server.request(method, path, **kw)
+        assert 400 <= status < 500, (method, path, kw, status, body[:300])
+        detail = json.loads(body)["detail"]
+        assert detail and (isinstance(detail, str) or isinstance(detail, list)), (path, body[:300])
+    objects = server.json("/datastore/?output=all")["objects"]
+    assert not [k for k in objects if "_s9" in k or k.startswith("nope")]
+    assert server.request("GET", "/info/")[0] == 200                # still serving
+
+
+def test_other_requests_are_answered_while_syntheses_queue(server, scene):
+    import threading
+
+    results: dict[str, tuple] = {}
+    (cy, cx), r = scene["center"], scene["radius"]
+    box = f"{cx - r},{cy - r},{cx + r},{cy + r}"                     # inside the breast
+
+    def synthesise(name: str, seed: int) -> None:
+        results[name] = server.infer(scene["id"], {"lesion_box": box, "seed": seed, "steps": 3, "result": "json"})
+
+    def queue_state() -> dict:
+        return server.json("/info/")["queue"]
+
+    def wait_for(predicate, what: str, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while not predicate():
+            assert time.time() < deadline, f"timed out waiting for {what}: {queue_state()}\n{server.log_tail()}"
+            time.sleep(0.2)
+
+    first = threading.Thread(target=synthesise, args=("first", 11))
+    first.start()
+    wait_for(lambda: queue_state()["running"] == 1, "the first synthesis to start")
+    second = threading.Thread(target=synthesise, args=("second", 12))
+    second.start()
+    wait_for(lambda: queue_state()["waiting"] == 1, "the second synthesis to queue")
+    # while one synthesis runs and one waits (queue_size 1): a third is refused at once, other requests are answered
+    status, body, _ = server.infer(scene["id"], {"lesion_box": box, "seed": 13, "steps": 3}, timeout=30)
+    assert status == 429 and json.loads(body)["detail"].startswith("busy:"), (status, body[:300])
+    assert first.is_alive()
+    for path in ("/info/", "/datastore/?output=all", f"/datastore/image/info?image={scene['id']}"):
+        status, _, _ = server.request("GET", path, timeout=10)
+        assert status == 200, path
+    status, _, _ = server.request("POST", "/activelearning/original", json_body={"image": scene["id"]}, timeout=10)
+    assert status == 200
+    assert first.is_alive() or second.is_alive()                     # answered while the syntheses were still going
+    first.join(300)
+    second.join(300)
+    for name, seed in (("first", 11), ("second", 12)):
+        status, body, _ = results[name]
+        assert status == 200, (name, status, body[:300], server.log_tail())
+        assert json.loads(body)["seed"] == seed
+    assert queue_state() == {"running": 0, "waiting": 0, "queue_size": 1}
+
+
+_GUARD_PROBE = r"""
+import json, os, sys
+sys.argv = ["probe"]
+from starlette.testclient import TestClient
+from custom.label_app.asgi import app
+out = {}
+for base in ("http://127.0.0.1", "http://10.1.2.3"):
+    client = TestClient(app, base_url=base)  # no lifespan: the guard answers before the app is needed
+    r = client.get("/no_such_page")
+    out[base] = [r.status_code, r.json().get("detail")]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("auth", [False, True])
+def test_non_loopback_access_needs_monai_label_authentication(auth):
+    probe = _GUARD_PROBE
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["MONAI_LABEL_AUTH_ENABLE"] = "true" if auth else "false"
+    res = subprocess.run([str(_label_python()), "-c", probe], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["http://127.0.0.1"][0] == 404                        # loopback: reaches MONAI Label (no such page)
+    if auth:
+        assert out["http://10.1.2.3"][0] == 404                     # authentication on: MONAI Label's own checks
+    else:
+        status, detail = out["http://10.1.2.3"]
+        assert status == 403 and "without authentication" in detail and "MONAI_LABEL_AUTH_ENABLE" in detail

@@ -20,7 +20,15 @@ App options (``--conf <key> <value>``; paths relative to the repository root):
 ``feature_library``   feature file for "copy the features of case X" (default ``data/prepared/features.csv``)
 ``timeout``           seconds one synthesis may take (default 900)
 ``extensions``        datastore image patterns (default ``*.dcm,*.dicom,*.png``: DICOM mammograms, 16-bit PNG)
+``queue_size``        syntheses that may wait while one runs (default 4); more get HTTP 429 "busy"
+``worker``            ``true`` (default): a long-lived product-side worker (``custom/serving/worker.py``) keeps the
+                      model loaded between requests; ``false``: one product CLI process per request
+``worker_threads``    torch CPU threads of the worker (default 0: torch's default, all cores)
 ====================  ==============================================================================================
+
+The server must be started with this app's request guard, ``--uvicorn_app custom.label_app.asgi:app`` (from the
+repository root): it keeps requests inside the datastore, refuses unauthenticated access on non-loopback addresses
+and runs syntheses off the event loop (see ``asgi.py`` and ``lib/guard.py``).
 """
 
 from __future__ import annotations
@@ -28,21 +36,26 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
+import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Dict
 
 from fastapi import HTTPException
 
 from monailabel.config import settings
-from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.strategy import Strategy
 
+from lib.guard import GuardedLocalDatastore, SynthesisQueue, check_image_id, inside
+from lib.dicomweb import make_dicomweb_datastore
 from lib.features import FeatureError, FeatureLibrary, PresetLibrary
 from lib.infer_synthesis import LABELS, SynthesisTask
 from lib.product import ProductSettings
+from lib.worker_client import WorkerClient
 from lib.strategies import LatestSynthetic, OriginalImage
 
 logger = logging.getLogger(__name__)
@@ -94,6 +107,21 @@ class MammoGCDMApp(MONAILabelApp):
         unknown = [m for m in wanted if m not in (MODEL_NAME, "all")]
         if unknown:
             raise ValueError(f"unknown model(s) {', '.join(unknown)}; this app serves: {MODEL_NAME}")
+        try:
+            self.queue = SynthesisQueue(size=int(conf.get("queue_size") or 4))
+        except ValueError as err:
+            raise ValueError(f"--conf queue_size: {err}") from None
+        self.worker = None
+        if str(conf.get("worker", "true")).strip().lower() not in ("false", "0", "no", "off"):
+            try:
+                threads = int(conf.get("worker_threads") or 0)
+            except ValueError:
+                raise ValueError(f"--conf worker_threads: not an integer: {conf.get('worker_threads')!r}") from None
+            self.worker = WorkerClient(self.product, num_threads=threads)
+            threading.Thread(target=self.worker.start, name="product-worker-start", daemon=True).start()
+        if "custom.label_app.asgi" not in sys.modules:
+            raise RuntimeError("start the server with this app's request guard: --uvicorn_app custom.label_app.asgi:app "
+                               "(from the repository root; `make label` does)")
         if not self.product.python.is_file():
             logger.warning("product interpreter %s not found: run `make env` (or set --conf product_python)",
                            self.product.python)
@@ -111,9 +139,10 @@ class MammoGCDMApp(MONAILabelApp):
     # -------------------------------------------------------------------------------------------- components
     def init_datastore(self) -> Datastore:
         if self.studies.startswith("http://") or self.studies.startswith("https://"):
-            return super().init_datastore()
+            logger.info("Init DICOMweb datastore %s (no dcmqi download: see lib/dicomweb.py)", self.studies)
+            return make_dicomweb_datastore(self.studies)
         logger.info("Init datastore for %s with %s", self.studies, self.extensions)
-        return LocalDatastore(
+        return GuardedLocalDatastore(
             self.studies,
             extensions=self.extensions,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
@@ -123,7 +152,8 @@ class MammoGCDMApp(MONAILabelApp):
     def init_infers(self) -> Dict[str, InferTask]:
         return {
             MODEL_NAME: SynthesisTask(self.product, self.presets, self.library, self.datastore,
-                                      default_preset=self.default_preset, presets_error=self.presets_error)
+                                      default_preset=self.default_preset, presets_error=self.presets_error,
+                                      worker=self.worker)
         }
 
     def init_strategies(self) -> Dict[str, Strategy]:
@@ -137,24 +167,42 @@ class MammoGCDMApp(MONAILabelApp):
 
     # -------------------------------------------------------------------------------------------- requests
     def infer(self, request, datastore=None):
+        """The synthesis request: the image id must name an image of the datastore (its file inside the datastore
+        folder), the drawing must be the uploaded label file; then the request waits for its turn in the queue."""
         request = dict(request)
         if request.get("model") == MODEL_NAME:
-            image = request.get("image")
             ds = datastore if datastore else self.datastore()
-            if isinstance(image, str) and not os.path.exists(image):
-                if not image or not ds.get_image_uri(image):
-                    try:
-                        n = len(ds.list_images())
-                    except Exception:
-                        n = "?"
-                    raise HTTPException(status_code=404, detail=f"image {image!r} not found in the datastore "
-                                                                f"({n} images; see GET /datastore/?output=all)")
-                request["image_id"] = image
+            image = check_image_id(request.get("image"))
+            request["image_id"] = image
+            request["image"] = self.resolve_image(ds, image)
+            label = request.get("label")
+            if label is not None and not (isinstance(label, str) and os.path.isfile(label)
+                                          and inside(label, tempfile.gettempdir())):
+                raise HTTPException(status_code=400, detail="label: send the drawing as the uploaded multipart "
+                                                            "'label' file")
             request["save_label"] = False  # the result is a new image, never a label of the source
+            with self.queue.slot():
+                return super().infer(request, datastore)
         return super().infer(request, datastore)
+
+    @staticmethod
+    def resolve_image(ds: Datastore, image_id: str) -> str:
+        """The local file of a datastore image (HTTP 404 for an id the datastore does not hold)."""
+        if image_id not in ds.list_images():
+            try:
+                n = len(ds.list_images())
+            except Exception:
+                n = "?"
+            raise HTTPException(status_code=404, detail=f"image {image_id!r} not found in the datastore "
+                                                        f"({n} images; see GET /datastore/?output=all)")
+        if isinstance(ds, GuardedLocalDatastore):
+            return ds.resolve_image(image_id)
+        return ds.get_image_uri(image_id)
 
     def info(self) -> Dict[str, Any]:
         meta = super().info()
         meta["product"] = {"python": str(self.product.python), "config_files": self.product.config_files,
                            "ckpt_dir": str(self.product.ckpt_dir)}
+        meta["queue"] = self.queue.status()
+        meta["product"]["worker"] = dict(self.worker.info) if self.worker is not None else None
         return meta

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -48,6 +49,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from lib.features import FeatureError, FeatureLibrary, PresetLibrary, request_features
 from lib.labels import Drawing, LabelError, count_lesions, parse_boxes, read_label, roi_to_box, safe_name, split_label, write_png
 from lib.product import ProductError, ProductSettings, run_product
+from lib.worker_client import WorkerClient
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,11 @@ __all__ = ["SynthesisTask", "LABELS", "MODES"]
 LABELS = {"breast": 1, "lesion": 2}
 MODES = {"keep": "keep", "whole": "generate", "generate": "generate"}
 FORMATS = {"nii": ".nii.gz", "dcm": ".dcm", "png": ".png"}
+MAX_SEED = 2**32 - 1
+#: DDIM steps cannot exceed the diffusion schedule's 1000 training steps
+MAX_STEPS = 1000
+#: classifier-free guidance scales beyond this only saturate the image
+MAX_GUIDANCE = 100.0
 _BREAST_SCRIPT = Path(__file__).resolve().parent / "breast_mask.py"
 
 
@@ -63,25 +70,37 @@ def _http(status: int, message: str) -> HTTPException:
     return HTTPException(status_code=status, detail=message)
 
 
-def _opt_float(request: dict, key: str, default: Any = None) -> float | None:
+def _opt_float(request: dict, key: str, default: Any = None, low: float = -math.inf,
+               high: float = math.inf) -> float | None:
     value = request.get(key, default)
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise _http(400, f"{key} must be a number, got {value!r}") from None
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise _http(400, f"{key} must be a number, got {_short(value)}") from None
+    if not math.isfinite(number) or not low <= number <= high:
+        raise _http(400, f"{key} must be a finite number in [{low:g}, {high:g}], got {_short(value)}")
+    return number
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _seed(value: Any) -> int:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "random", "none")):
         return secrets.randbelow(1_000_000)
+    if isinstance(value, bool):
+        raise _http(400, f"seed must be an integer or 'random', got {value!r}")
     try:
-        seed = int(float(value))
-    except (TypeError, ValueError):
-        raise _http(400, f"seed must be an integer or 'random', got {value!r}") from None
-    if seed < 0:
-        raise _http(400, f"seed must be >= 0, got {seed}")
+        number = float(value)
+        seed = int(number)
+    except (TypeError, ValueError, OverflowError):
+        raise _http(400, f"seed must be an integer or 'random', got {_short(value)}") from None
+    if seed != number or not 0 <= seed <= MAX_SEED:
+        raise _http(400, f"seed must be an integer in [0, {MAX_SEED}], got {_short(value)}")
     return seed
 
 
@@ -102,8 +121,9 @@ class SynthesisTask(InferTask):
                  datastore: Callable[[], Any], default_preset: str | None = "typical",
                  description: str = "GCDM: synthesise a lesion where you drew it (keep mode) or a whole new mammogram "
                                     "(whole mode), with the chosen lesion kind",
-                 presets_error: str | None = None):
+                 presets_error: str | None = None, worker: WorkerClient | None = None):
         self.product = product
+        self.worker = worker
         self.presets = presets
         self.presets_error = presets_error
         self.library = library
@@ -196,22 +216,34 @@ class SynthesisTask(InferTask):
 
     def _store(self, new_id: str, dcm: Path, info: dict) -> str:
         ds = self._datastore()
-        client = getattr(ds, "_client", None)
-        if client is not None and type(ds).__name__ == "DICOMWebDatastore":
-            from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
-
-            series = dicom_web_upload_dcm(str(dcm), client)
+        if hasattr(ds, "series_attributes"):  # the DICOMweb datastore: STOW-RS, the id is the new series UID
+            series = ds.add_image(new_id, str(dcm), info)
             info["dicomweb_series"] = series
-            return series or new_id
+            return series
         return ds.add_image(new_id, str(dcm), info)
+
+    def _run(self, op: str, args: dict, replacements) -> None:
+        """One product call: through the long-lived worker when the app has one, else the product's CLI."""
+        if self.worker is None:
+            if op == "breast_mask":
+                run_product(self.product, args, replacements, script=[str(_BREAST_SCRIPT)])
+            else:
+                self._run("infer", args, replacements)
+            return
+        try:
+            self.worker.call(op, args)
+        except ProductError as err:
+            for old, new in replacements:
+                err.message = err.message.replace(old, new)
+            raise
 
     # ------------------------------------------------------------------------------------------------ run
     def __call__(self, request) -> Tuple[Union[str, None], Dict]:
         start = time.time()
-        if request.get("image_id"):  # set by the app: the datastore id
-            image_id = str(request["image_id"])
-        else:  # a file path given directly
-            image_id = Path(str(request.get("image", ""))).name.split(".")[0]
+        image_id = request.get("image_id")  # set by the app after resolving the id inside the datastore
+        if not image_id:
+            raise _http(400, "image: a datastore image id is required")
+        image_id = str(image_id)
         source = self._source_image(str(request.get("image") or ""), image_id)
         image_id = safe_name(image_id, 96)
         mode = _choice(request, "mode", ("keep", "whole", "generate"), "keep")
@@ -220,10 +252,10 @@ class SynthesisTask(InferTask):
             result = "json" if request.get("label_info") is not None else "image"
         fmt = _choice(request, "format", tuple(FORMATS), "nii")
         seed = _seed(request.get("seed"))
-        guidance = _opt_float(request, "guidance_scale")
-        steps = _opt_float(request, "steps")
-        if steps is not None and (steps < 1 or steps != int(steps)):
-            raise _http(400, f"steps must be a positive integer, got {request.get('steps')!r}")
+        guidance = _opt_float(request, "guidance_scale", low=0.0, high=MAX_GUIDANCE)
+        steps = _opt_float(request, "steps", low=1, high=MAX_STEPS)
+        if steps is not None and steps != int(steps):
+            raise _http(400, f"steps must be an integer in [1, {MAX_STEPS}], got {_short(request.get('steps'))}")
 
         drawing, boxes = self._drawing(request)
         n_lesions = len(boxes) if boxes else count_lesions(drawing.lesion)
@@ -255,11 +287,10 @@ class SynthesisTask(InferTask):
                     args["breast_mask_file"] = str(write_png(tmp / "drawn_breast.png", breast.astype(np.uint8) * 255))
                 elif mode != "keep":  # whole image without a drawn breast: the breast of the source image
                     auto = tmp / "auto_breast.png"
-                    run_product(self.product, {"image_file": str(source), "output": str(auto)}, replacements,
-                                script=[str(_BREAST_SCRIPT)])
+                    self._run("breast_mask", {"image_file": str(source), "output": str(auto)}, replacements)
                     args["breast_mask_file"] = str(auto)
                 if boxes:
-                    args["lesion_box"] = json.dumps(boxes[0] if len(boxes) == 1 else boxes).replace(" ", "")
+                    args["lesion_box"] = boxes[0] if len(boxes) == 1 else boxes
                 else:
                     args["lesion_mask_file"] = str(write_png(tmp / "drawn_lesion.png",
                                                              drawing.lesion.astype(np.uint8) * 255))
@@ -274,7 +305,7 @@ class SynthesisTask(InferTask):
             args.update({"output_dir": str(out_dir), "case_id": new_id, "seed": seed, "num_samples": 1,
                          "guidance_scale": guidance, "ddim_steps": None if steps is None else int(steps),
                          "progress": False})
-            run_product(self.product, args, replacements)
+            self._run("infer", args, replacements)
 
             stem = out_dir / f"{new_id}_seed{seed}"
             files = {k: Path(str(stem) + s) for k, s in FORMATS.items()}

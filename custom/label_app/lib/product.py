@@ -8,6 +8,7 @@ input checks.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -62,6 +63,8 @@ def product_env() -> dict[str, str]:
 def _cli_value(value: Any) -> str:
     if isinstance(value, bool):
         return "True" if value else "False"
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, separators=(",", ":"))
     return str(value)
 
 
