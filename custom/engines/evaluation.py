@@ -101,7 +101,7 @@ def is_phantom(prepared_dir: str | os.PathLike, setting: Any = "auto") -> bool:
             src = json.loads(record.read_text()).get("source_image")
             if src and Path(src).is_file() and not str(src).lower().endswith(".png"):
                 ds = pydicom.dcmread(src, stop_before_pixels=True)
-                if str(ds.get("Manufacturer", "")) == PHANTOM_MANUFACTURER:
+                if PHANTOM_MANUFACTURER in str(ds.get("Manufacturer", "")):
                     return True
     except Exception:  # noqa: BLE001 - unreadable headers just mean "not recognisably phantom"
         pass
