@@ -7,6 +7,8 @@ dataset that the VinDr-Mammo adapter reads exactly as it reads the real download
     <output_dir>/finding_annotations.csv                  one row per mass ("['No Finding']" row if none)
     <output_dir>/breast-level_annotations.csv             one row per image
     <output_dir>/PHANTOM_README.txt                       says what this is (synthetic, not patient data)
+    <output_dir>/lesion_free/<study_id>/<image_id>.dicom  the same image without its masses (images with masses
+                                                          only; same tags and window, uncompressed): removal truth
 
 Everything is a function of ``seed``: each image draws from its own ``numpy.random.default_rng`` seeded by
 ``(seed, study index, image index)``, so results do not depend on generation order. The DICOM encodings
@@ -19,7 +21,10 @@ air background, breast outline with a skin line and peripheral thickness fall-of
 parenchymal texture mixed with fat according to the BI-RADS density A-D, a pectoral muscle triangle in the
 top chest-wall corner of MLO views, 0-2 masses (round, oval, lobulated, irregular, spiculated) denser than
 their surroundings, and on some images a small bright artefact (label marker or detector-edge rows) away
-from the breast. Box coordinates in the CSV are pixel-edge coordinates of the mass core:
+from the breast. Each study is "acquired" on one of :data:`PHANTOM_VENDORS` (Manufacturer tag
+``"<vendor> - mammo_gcdm phantom"``; a vendor-specific display tone curve and noise level) and each image draws a
+breast-area class (a narrower or wider breast outline), so the clinical attributes of :mod:`custom.data.attributes`
+(density, manufacturer, MAM-E's area bins) vary and are visible. Box coordinates in the CSV are pixel-edge coordinates of the mass core:
 ``xmin = first column``, ``xmax = last column + 1`` (same for rows), so ``img[int(ymin):int(ymax),
 int(xmin):int(xmax)]`` is exactly the core's bounding box.
 
@@ -77,7 +82,7 @@ __all__ = [
     "main",
 ]
 
-GENERATOR_VERSION = "1.0.0"
+GENERATOR_VERSION = "1.1.0"
 PHANTOM_SERIES_DESCRIPTION = "SYNTHETIC PHANTOM - not patient data"
 PHANTOM_MANUFACTURER = "mammo_gcdm phantom"
 #: Vendors the phantom imitates (DICOM Manufacturer = "<vendor> - mammo_gcdm phantom"), one per study, each with its
