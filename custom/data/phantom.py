@@ -7,6 +7,8 @@ dataset that the VinDr-Mammo adapter reads exactly as it reads the real download
     <output_dir>/finding_annotations.csv                  one row per mass ("['No Finding']" row if none)
     <output_dir>/breast-level_annotations.csv             one row per image
     <output_dir>/PHANTOM_README.txt                       says what this is (synthetic, not patient data)
+    <output_dir>/lesion_free/<study_id>/<image_id>.dicom  the same image without its masses (images with masses
+                                                          only; same tags and window, uncompressed): removal truth
 
 Everything is a function of ``seed``: each image draws from its own ``numpy.random.default_rng`` seeded by
 ``(seed, study index, image index)``, so results do not depend on generation order. The DICOM encodings
@@ -19,7 +21,10 @@ air background, breast outline with a skin line and peripheral thickness fall-of
 parenchymal texture mixed with fat according to the BI-RADS density A-D, a pectoral muscle triangle in the
 top chest-wall corner of MLO views, 0-2 masses (round, oval, lobulated, irregular, spiculated) denser than
 their surroundings, and on some images a small bright artefact (label marker or detector-edge rows) away
-from the breast. Box coordinates in the CSV are pixel-edge coordinates of the mass core:
+from the breast. Each study is "acquired" on one of :data:`PHANTOM_VENDORS` (Manufacturer tag
+``"<vendor> - mammo_gcdm phantom"``; a vendor-specific display tone curve and noise level) and each image draws a
+breast-area class (a narrower or wider breast outline), so the clinical attributes of :mod:`custom.data.attributes`
+(density, manufacturer, MAM-E's area bins) vary and are visible. Box coordinates in the CSV are pixel-edge coordinates of the mass core:
 ``xmin = first column``, ``xmax = last column + 1`` (same for rows), so ``img[int(ymin):int(ymax),
 int(xmin):int(xmax)]`` is exactly the core's bounding box.
 
@@ -32,6 +37,7 @@ MONOCHROME1, and still carry window tags.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import hashlib
 import io
@@ -63,6 +69,8 @@ from custom.io import atomic_path, atomic_write_text
 __all__ = [
     "GENERATOR_VERSION",
     "PHANTOM_SERIES_DESCRIPTION",
+    "PHANTOM_VENDORS",
+    "LESION_FREE_DIR",
     "VINDR_FINDING_COLUMNS",
     "VINDR_BREAST_COLUMNS",
     "VIEWS",
@@ -74,9 +82,20 @@ __all__ = [
     "main",
 ]
 
-GENERATOR_VERSION = "1.0.0"
+GENERATOR_VERSION = "1.1.0"
 PHANTOM_SERIES_DESCRIPTION = "SYNTHETIC PHANTOM - not patient data"
 PHANTOM_MANUFACTURER = "mammo_gcdm phantom"
+#: Vendors the phantom imitates (DICOM Manufacturer = "<vendor> - mammo_gcdm phantom"), one per study, each with its
+#: own display tone curve (gamma) and quantum-noise level, so the manufacturer attribute has something to learn.
+PHANTOM_VENDORS: dict[str, dict[str, float]] = {
+    "SIEMENS": {"gamma": 0.88, "noise": 0.004},
+    "HOLOGIC": {"gamma": 1.0, "noise": 0.003},
+    "GE MEDICAL SYSTEMS": {"gamma": 1.12, "noise": 0.006},
+}
+#: Breast-width factors of the three breast-area classes (MAM-E's small / medium / large), drawn per image.
+_AREA_WIDTH_SCALE = {"small": 0.7, "medium": 1.0, "large": 1.3}
+#: Folder (under the dataset root) of the lesion-free version of every image with masses (same encoding and tags).
+LESION_FREE_DIR = "lesion_free"
 PHANTOM_README_NAME = "PHANTOM_README.txt"
 
 VINDR_FINDING_COLUMNS = [
@@ -253,21 +272,24 @@ class _Mass:
 @dataclass
 class _Rendered:
     display: np.ndarray  # float64 [0, 1], final frame
+    display_lesion_free: np.ndarray  # float64 [0, 1], final frame: the same image without its masses
     breast: np.ndarray  # bool
     air: np.ndarray  # bool (background without artefacts)
     masses: list[_Mass]
     artefact: str  # "", "marker" or "edge"
 
 
-def _breast_outline(h: int, w: int, view: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row horizontal extent of the breast (left frame) and its bool mask."""
+def _breast_outline(h: int, w: int, view: str, rng: np.random.Generator,
+                    width_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row horizontal extent of the breast (left frame) and its bool mask; ``width_scale`` widens or narrows the
+    breast (the breast-area class)."""
     rows = np.arange(h, dtype=np.float64)
     if view == "CC":
         cy, a, b = h * rng.uniform(0.46, 0.54), h * rng.uniform(0.36, 0.44), w * rng.uniform(0.6, 0.78)
     else:  # MLO: taller, reaching the top edge (axilla) where the pectoral muscle sits
         cy, a, b = h * rng.uniform(0.40, 0.47), h * rng.uniform(0.52, 0.58), w * rng.uniform(0.6, 0.76)
     q = np.clip(1.0 - ((rows - cy) / a) ** 2, 0.0, None)
-    x_edge = b * np.sqrt(q) * (1.0 + 0.04 * _smooth_1d(h, rng))
+    x_edge = width_scale * b * np.sqrt(q) * (1.0 + 0.04 * _smooth_1d(h, rng))
     x_edge = np.minimum(x_edge, w * 0.86)
     cols = np.arange(w, dtype=np.float64)[None, :]
     return x_edge, cols < x_edge[:, None]
@@ -298,15 +320,22 @@ def _mass_core(
     return rho < R, R, theta
 
 
+def _area_class(seed: int, study_index: int, image_index: int) -> str:
+    """Breast-area class of an image (its own random stream, so the other draws do not move)."""
+    rng = np.random.default_rng([int(seed), int(study_index), int(image_index), 31])
+    return str(rng.choice(tuple(_AREA_WIDTH_SCALE), p=(0.3, 0.4, 0.3)))
+
+
 def _render(
-    seed: int, study_index: int, image_index: int, shape: tuple[int, int], density: str, g: int
+    seed: int, study_index: int, image_index: int, shape: tuple[int, int], density: str, g: int,
+    vendor: str = "HOLOGIC", area_class: str = "medium",
 ) -> _Rendered:
     h, w = shape
     laterality, view = VIEWS[image_index]
     rng = np.random.default_rng([int(seed), int(study_index), int(image_index)])
     scale = w / 512.0
 
-    x_edge, breast = _breast_outline(h, w, view, rng)
+    x_edge, breast = _breast_outline(h, w, view, rng, _AREA_WIDTH_SCALE[area_class])
     dist = ndimage.distance_transform_edt(breast)
     rows = np.arange(h, dtype=np.float64)[:, None]
     cols = np.arange(w, dtype=np.float64)[None, :]
@@ -339,6 +368,7 @@ def _render(
     tissue = np.where(skin, _SKIN + 0.01 * fine, tissue)
 
     display = np.where(breast, tissue, _AIR)
+    display_clean = display.copy()  # the lesion-free truth: everything below except the masses
 
     # masses: fully inside the breast (away from skin and pectoral muscle), not overlapping
     n_masses = int(rng.choice([0, 1, 2], p=[0.25, 0.5, 0.25]))
@@ -415,7 +445,9 @@ def _render(
         placed.append((float(cr), float(cc), extent))
 
     # quantum noise everywhere
-    display = display + rng.normal(0.0, 0.004, size=(h, w))
+    noise = rng.normal(0.0, 0.004, size=(h, w))
+    display = display + noise
+    display_clean = display_clean + noise
     air = ~breast
 
     # small artefact away from the breast on some images (far side from the chest wall)
@@ -434,6 +466,7 @@ def _render(
                 patch[mh // 4: mh - mh // 4, mw // 4: mw // 4 + max(1, mw // 8)] = _AIR
                 patch[mh - mh // 4 - max(1, mh // 6): mh - mh // 4, mw // 4: mw - mw // 4] = _AIR
                 display[box] = patch
+                display_clean[box] = patch
                 air[box] = False
                 artefact = "marker"
         else:
@@ -441,12 +474,22 @@ def _render(
             box = (slice(h - nrows, h), slice(int(0.6 * w), w))
             if not far[box].any():
                 display[box] = _ARTEFACT - 0.05
+                display_clean[box] = _ARTEFACT - 0.05
                 air[box] = False
                 artefact = "edge"
 
-    display = np.clip(display, 0.0, 1.0)
+    # vendor appearance: a tone curve and extra quantum noise (own stream: the draws above do not move)
+    tone = PHANTOM_VENDORS[vendor]
+    vendor_noise = np.random.default_rng([int(seed), int(study_index), int(image_index), 41]).normal(
+        0.0, max(tone["noise"] - 0.003, 0.0) + 1e-12, size=(h, w))
+
+    def finish(d: np.ndarray) -> np.ndarray:
+        return np.clip(np.clip(d, 0.0, 1.0) ** tone["gamma"] + vendor_noise, 0.0, 1.0)
+
+    display, display_clean = finish(display), finish(display_clean)
     if laterality == "R":  # right breasts: chest wall on the right image edge
         display = display[:, ::-1]
+        display_clean = display_clean[:, ::-1]
         breast = breast[:, ::-1]
         air = air[:, ::-1]
         for m in masses:
@@ -456,7 +499,8 @@ def _render(
         cc_ = np.flatnonzero(m.core.any(axis=0))
         m.box = (int(cc_[0]), int(rr[0]), int(cc_[-1]) + 1, int(rr[-1]) + 1)
     return _Rendered(
-        display=np.ascontiguousarray(display), breast=np.ascontiguousarray(breast),
+        display=np.ascontiguousarray(display), display_lesion_free=np.ascontiguousarray(display_clean),
+        breast=np.ascontiguousarray(breast),
         air=np.ascontiguousarray(air), masses=masses, artefact=artefact,
     )
 
@@ -538,7 +582,7 @@ def _voi_tags(ds: Dataset, v: ImageVariant, modality: np.ndarray, breast: np.nda
 
 def _build_dataset(
     *, seed: int, study_index: int, image_index: int, ids: dict[str, str], r: _Rendered,
-    v: ImageVariant, shape: tuple[int, int], age: int,
+    v: ImageVariant, shape: tuple[int, int], age: int, vendor: str = "HOLOGIC",
 ) -> tuple[Dataset, np.ndarray]:
     laterality, view = VIEWS[image_index]
     h, w = shape
@@ -566,7 +610,7 @@ def _build_dataset(
     ds.AccessionNumber = f"PH{study_index:08d}"
     ds.Modality = "MG"
     ds.PresentationIntentType = "FOR PROCESSING" if v.for_processing else "FOR PRESENTATION"
-    ds.Manufacturer = PHANTOM_MANUFACTURER
+    ds.Manufacturer = f"{vendor} - {PHANTOM_MANUFACTURER}"
     ds.ManufacturerModelName = "phantom generator"
     ds.SoftwareVersions = f"mammo_gcdm phantom {GENERATOR_VERSION}"
     ds.InstitutionName = "SYNTHETIC"
@@ -656,6 +700,9 @@ class PhantomImage:
     masses: list[dict[str, Any]]  # {"shape", "margin", "birads", "box": (xmin, ymin, xmax, ymax)}
     breast_birads: int
     artefact: str  # "", "marker" or "edge"
+    vendor: str = "HOLOGIC"  # a key of PHANTOM_VENDORS (DICOM Manufacturer "<vendor> - mammo_gcdm phantom")
+    area_class: str = "medium"  # breast-area class the outline was drawn for (small / medium / large)
+    lesion_free_stored: np.ndarray | None = None  # stored values of the same image without its masses (if any)
 
 
 def phantom_image(
@@ -673,15 +720,22 @@ def phantom_image(
     g = study_index * len(VIEWS) + image_index
     laterality, view = VIEWS[image_index]
     density, age = _study_meta(seed, study_index)
+    vendor = _study_vendor(seed, study_index)
+    area_class = _area_class(seed, study_index, image_index)
     ids = {
         "study_id": _hex_id(seed, "study", study_index),
         "series_id": _hex_id(seed, "series", study_index, image_index),
         "image_id": _hex_id(seed, "image", study_index, image_index),
     }
     v = image_variant(g)
-    rendered = _render(seed, study_index, image_index, shape, density, g)
+    rendered = _render(seed, study_index, image_index, shape, density, g, vendor, area_class)
     ds, stored = _build_dataset(seed=seed, study_index=study_index, image_index=image_index, ids=ids,
-                                r=rendered, v=v, shape=shape, age=age)
+                                r=rendered, v=v, shape=shape, age=age, vendor=vendor)
+    lesion_free = None
+    if rendered.masses:  # same stored-value mapping (same random draws) on the lesion-free display
+        clean = _Rendered(display=rendered.display_lesion_free, display_lesion_free=rendered.display_lesion_free,
+                          breast=rendered.breast, air=rendered.air, masses=[], artefact=rendered.artefact)
+        lesion_free, _, _ = _stored_values(clean, v, np.random.default_rng([seed, study_index, image_index, 7]))
     if rendered.masses:
         breast_birads = max(m.birads for m in rendered.masses)
     else:
@@ -690,18 +744,36 @@ def phantom_image(
         study_index=study_index, image_index=image_index, laterality=laterality, view=view, density=density,
         variant=v, dataset=ds, stored=stored, breast_birads=breast_birads, artefact=rendered.artefact,
         masses=[{"shape": m.shape, "margin": m.margin, "birads": m.birads, "box": m.box} for m in rendered.masses],
-        **ids,
+        vendor=vendor, area_class=area_class, lesion_free_stored=lesion_free, **ids,
     )
 
 
 # --------------------------------------------------------------------------------------------------------
 # dataset
 # --------------------------------------------------------------------------------------------------------
+def _write_lesion_free(img: PhantomImage, path: Path, seed: int) -> None:
+    """The lesion-free version of ``img`` (the truth of lesion removal): its dataset with the lesion-free pixels, a
+    new SOP instance UID and "LESION-FREE" in the descriptions; uncompressed."""
+    ds = copy.deepcopy(img.dataset)
+    uid = _uid(seed, "sop-lesion-free", img.study_index, img.image_index)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.SeriesDescription = f"{PHANTOM_SERIES_DESCRIPTION} - LESION-FREE TRUTH"
+    ds.ImageComments = f"{ds.ImageComments}; lesion-free version of image {img.image_id}"
+    ds.PixelData = img.lesion_free_stored.tobytes()
+    _write_dicom(ds, img.lesion_free_stored, ExplicitVRLittleEndian, path)
+
+
 def _study_meta(seed: int, study_index: int) -> tuple[str, int]:
     rng = np.random.default_rng([int(seed), int(study_index), 1000])
     density = str(rng.choice(DENSITIES, p=_DENSITY_P))
     age = int(rng.integers(40, 76))
     return density, age
+
+
+def _study_vendor(seed: int, study_index: int) -> str:
+    """The vendor a study was "acquired" on (its own random stream)."""
+    rng = np.random.default_rng([int(seed), int(study_index), 1001])
+    return str(rng.choice(tuple(PHANTOM_VENDORS)))
 
 
 def _split(seed: int, n_studies: int, test_fraction: float) -> list[str]:
@@ -779,8 +851,9 @@ def generate_phantom_dataset(
     counts: dict[str, Counter] = {k: Counter() for k in (
         "view", "laterality", "photometric", "voi_function", "voi_variant", "transfer_syntax", "bits_stored",
         "presentation_intent", "density", "mass_shape", "mass_margin", "breast_birads", "artefact", "split",
+        "area_class", "vendor",
     )}
-    n_masses = n_missing_lat = n_padding = n_rescaled = 0
+    n_masses = n_missing_lat = n_padding = n_rescaled = n_lesion_free = 0
 
     jobs = [(s, i) for s in range(n_studies) for i in range(len(VIEWS))]
     iterator: Any = jobs
@@ -792,6 +865,9 @@ def generate_phantom_dataset(
         img = phantom_image(seed, study_index, image_index, shape)
         v, laterality, view, density = img.variant, img.laterality, img.view, img.density
         ids = {"study_id": img.study_id, "series_id": img.series_id, "image_id": img.image_id}
+        if img.lesion_free_stored is not None:  # first: writing the image below may compress its dataset in place
+            _write_lesion_free(img, out / LESION_FREE_DIR / img.study_id / f"{img.image_id}.dicom", seed)
+            n_lesion_free += 1
         ts_used = _write_dicom(img.dataset, img.stored, v.transfer_syntax,
                                out / "images" / img.study_id / f"{img.image_id}.dicom")
         breast_birads = img.breast_birads
@@ -828,8 +904,10 @@ def generate_phantom_dataset(
         counts["presentation_intent"][ds.PresentationIntentType] += 1
         counts["breast_birads"][f"BI-RADS {breast_birads}"] += 1
         counts["artefact"][img.artefact or "none"] += 1
+        counts["area_class"][img.area_class] += 1
         if image_index == 0:
             counts["density"][f"DENSITY {density}"] += 1
+            counts["vendor"][img.vendor] += 1
             counts["split"][splits[study_index]] += 1
 
     atomic_write_text(out / PHANTOM_README_NAME, _readme(seed, n_studies, shape, test_fraction))
@@ -850,6 +928,7 @@ def generate_phantom_dataset(
         "n_missing_laterality": n_missing_lat,
         "n_padding": n_padding,
         "n_rescaled": n_rescaled,
+        "n_lesion_free": n_lesion_free,
     }
     for key, counter in counts.items():
         if key != "split":

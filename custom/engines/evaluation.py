@@ -101,7 +101,7 @@ def is_phantom(prepared_dir: str | os.PathLike, setting: Any = "auto") -> bool:
             src = json.loads(record.read_text()).get("source_image")
             if src and Path(src).is_file() and not str(src).lower().endswith(".png"):
                 ds = pydicom.dcmread(src, stop_before_pixels=True)
-                if str(ds.get("Manufacturer", "")) == PHANTOM_MANUFACTURER:
+                if PHANTOM_MANUFACTURER in str(ds.get("Manufacturer", "")):
                     return True
     except Exception:  # noqa: BLE001 - unreadable headers just mean "not recognisably phantom"
         pass
@@ -223,6 +223,8 @@ def _metric_rows(m: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         ("Pixel accuracy (pooled)", _fmt(s.get("pixel_accuracy")), _fmt(s.get("ceiling_pixel_accuracy"))),
         ("Mass Dice per image (mean ± std)", dice, cdice),
         ("FRD (lesion radiomics, lower better)", _fmt(s.get("frd")), "0 (real vs real)"),
+        ("Radiomics fidelity (mean Spearman, requested vs measured per lesion)", _fmt(s.get("radiomics_fidelity")),
+         f"{_fmt(s.get('ceiling_radiomics_fidelity'))} (real vs its stage-1 reconstruction)"),
         (fd_label, _fmt(s.get("feature_distance")), "0 (real vs real)"),
         ("MS-SSIM diversity (lower = more diverse)", _fmt(s.get("ms_ssim")), ""),
         ("Stage-1 reconstruction SSIM / PSNR (dB)", f"{_fmt(s.get('recon_ssim'))} / {_fmt(s.get('recon_psnr'))}", ""),
@@ -382,6 +384,12 @@ class EvaluationReport:
         reconstruction = reconstruction_metrics(recon, real_t)
         seconds["reconstruction"] = time.time() - t0
 
+        t0 = time.time()
+        from custom.metrics.fidelity import lesion_radiomics_fidelity
+
+        radiomics_fidelity = lesion_radiomics_fidelity(a["real"], a["gen"], recon, a["instances"], self.params_file)
+        seconds["radiomics_fidelity"] = time.time() - t0
+
         info = self.model_check.get("info", {}) or {}
         sigma_trained = info.get("sigma")
         sigma = self.settings.get("sigma")
@@ -403,6 +411,8 @@ class EvaluationReport:
             "ms_ssim": diversity["ms_ssim_mean"],
             "recon_ssim": reconstruction["ssim_mean"],
             "recon_psnr": reconstruction["psnr_mean"],
+            "radiomics_fidelity": radiomics_fidelity["generated"]["mean"],
+            "ceiling_radiomics_fidelity": radiomics_fidelity["retest"]["mean"],
         }
         self.metrics = {
             "format": "mammo_gcdm/evaluation",
@@ -433,6 +443,7 @@ class EvaluationReport:
             "feature_distance": feature,
             "diversity": diversity,
             "reconstruction": reconstruction,
+            "radiomics_fidelity": radiomics_fidelity,
             "skipped": self.cases.skipped,
             "seconds": {k: round(v, 2) for k, v in seconds.items()},
         }

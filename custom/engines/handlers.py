@@ -221,6 +221,8 @@ class SampleGridHandler:
             device = self.device or next(self.encoder.parameters()).device
             batch = {k: v.to(device) for k, v in batch.items()}
             batch["mask_latent"] = self.encoder.encode_mask(batch["soft_mask"])
+            if items and all("attributes" in it for it in items):  # attribute codes (custom.data.attributes)
+                batch["attributes"] = torch.stack([torch.as_tensor(it["attributes"]).long() for it in items]).to(device)
             self._batch = batch
         return self._batch
 
@@ -229,10 +231,15 @@ class SampleGridHandler:
         from custom.engines.sampling import ddim_sample
 
         c = self.conditions()
+        extra = {"attributes": c["attributes"]} if "attributes" in c else {}
+        if getattr(self.network, "extra_concat_channels", 0):  # inpainting model: generate the whole image
+            from custom.engines.inpaint import inpaint_concat
+
+            extra["extra_concat"] = inpaint_concat(self.encoder, torch.zeros_like(c["image"]), torch.ones_like(c["image"]))
         out = ddim_sample(
             self.network, self.scheduler, c["mask_latent"], c["features"], c["lesion_masks"], c["lesion_present"],
             num_inference_steps=self.ddim_steps, guidance_scale=self.guidance_scale, seed=self.seed,
-            decoder=self.encoder, progress=self.progress,
+            decoder=self.encoder, progress=self.progress, **extra,
         )
         return out.images, c
 

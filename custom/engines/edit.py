@@ -1,0 +1,418 @@
+"""Inference extensions: clinical attributes, trained inpainting (``--mode inpaint``) and lesion removal
+(``--mode remove``), around the ``inference`` workflow of :mod:`custom.engines.inference`.
+
+``bundle/configs/inference.json`` uses the classes here in place of the plain ones; with no attribute and the modes
+``generate`` / ``keep`` they behave exactly like them.
+
+Modes (every pixel outside the dilated region is the preprocessed source, bit for bit, in keep, inpaint and remove):
+
+1. ``keep`` (training-free, RePaint): the known latent is re-noised and blended in at every DDIM step.
+2. ``inpaint`` (MAM-E's trained inpainting; needs a model trained with ``train_inpaint.json``): the UNet gets the
+   region at latent resolution and the latent of the region-blanked source (:func:`custom.engines.inpaint.inpaint_concat`)
+   as extra channels; no blending during sampling.
+3. ``remove`` (counterfactual healthy image): ``--image_file`` + ``--lesion_mask_file`` (or ``--lesion_box``); the
+   lesion region, dilated by ``keep_dilation``, is regenerated with the *no lesion* condition (empty lesion slots, the
+   lesion pixels become breast in the label map, ``lesion_category=none`` when the model reads it), by the inpainting
+   mechanism when the model has its channels and by keep (RePaint) otherwise.
+
+The decoded result is pasted back with :func:`custom.engines.inference.paste_weights` (0 outside the region).
+
+Attributes (:mod:`custom.data.attributes`): ``--attributes "view=MLO,density=D"``, ``--prompt "a siemens mammogram
+in MLO view with high density"``, ``--attribute_dicom ref.dcm`` (its tags), merged (a contradiction is an error);
+every attribute must be one the model reads (``attribute_names`` of the training config), else an error. Cases of a
+prepared datalist take their own attributes from the datalist, overridden by the given ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from custom.data.attributes import (
+    attributes_from_dicom,
+    attributes_from_entry,
+    check_attribute_names,
+    encode_attributes,
+    merge_attributes,
+    parse_attribute_string,
+    parse_prompt,
+)
+from custom.engines.inference import (
+    CaseSet,
+    GCDMInferencePrepareBatch,
+    GCDMSamplingInferer,
+    InferenceCase,
+    SampleWriter,
+    _seeds,
+    build_inference_cases,
+    keep_region,
+    paste_weights,
+)
+from custom.engines.inpaint import has_inpaint_channels, inpaint_channels, inpaint_concat
+from custom.errors import MammoInputError
+
+__all__ = ["EDIT_MODES", "gather_attributes", "build_edit_cases", "check_edit_inputs", "EditPrepareBatch",
+           "EditSamplingInferer", "EditSampleWriter"]
+
+logger = logging.getLogger(__name__)
+
+EDIT_MODES = ("generate", "keep", "inpaint", "remove")
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def gather_attributes(attributes: Any = None, prompt: str | None = None, attribute_dicom: str | None = None,
+                      attribute_names: Sequence[str] | None = ()) -> dict[str, str]:
+    """The user's attributes from the three sources, merged and checked against the model's attribute list.
+
+    Raises:
+        MammoInputError: a bad name/value/word (see :mod:`custom.data.attributes`), two sources contradicting each
+        other, or an attribute the model does not read.
+    """
+    attrs = merge_attributes(("attributes", parse_attribute_string(attributes)), ("prompt", parse_prompt(prompt)),
+                             ("attribute_dicom", attributes_from_dicom(attribute_dicom) if attribute_dicom else {}))
+    names = check_attribute_names(attribute_names, "attribute_names")
+    encode_attributes(attrs, names)  # raises for an attribute the model does not read
+    return attrs
+
+
+def _is_dicom(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    if p.suffix.lower() in (".dcm", ".dicom"):
+        return True
+    if p.suffix:
+        return False
+    try:
+        with open(p, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _remove_case(*, image_file: str | None, lesion_mask_file: str | None, lesion_box: Any, breast_mask_file: str | None,
+                 image_size: int, normaliser_file: str, max_lesions: int, seeds: list[int], case_id: str,
+                 keep_dilation: int, laterality: str | None, extra_inputs: Mapping[str, Any]) -> InferenceCase:
+    """The case of ``--mode remove`` (see the module docstring)."""
+    from PIL import Image
+
+    from custom.data.conditions import build_conditions
+    from custom.data.mask_io import load_mask_file
+    from custom.data.prepare import load_display_image
+    from custom.transforms.masks import breast_mask
+
+    given = [k for k, v in extra_inputs.items() if v is not None]
+    if given:
+        raise MammoInputError(given[0], "remove mode takes image_file, lesion_mask_file (or lesion_box) and optionally "
+                                        f"breast_mask_file; {', '.join(given)} cannot be used with it")
+    if image_file is None:
+        raise MammoInputError("image_file", "remove mode needs the source mammogram (--image_file, DICOM or PNG)")
+    if (lesion_mask_file is None) == (lesion_box is None):
+        raise MammoInputError("lesion_mask_file", "remove mode needs the lesion to remove: give lesion_mask_file or "
+                                                  "lesion_box (one of them)")
+    path = Path(image_file)
+    if not path.is_file():
+        raise MammoInputError(path, "image_file not found")
+    image, _ = load_display_image(path)
+    h, w = image.shape
+    if lesion_mask_file is not None:
+        lesion = load_mask_file(lesion_mask_file, expected_shape=(h, w)) > 0
+        lesion_src = str(lesion_mask_file)
+    else:
+        from custom.data.conditions import _parse_boxes  # the one box parser of the project
+
+        lesion = np.zeros((h, w), dtype=bool)
+        for x0, y0, x1, y1 in _parse_boxes(lesion_box):
+            lesion[max(0, int(np.floor(y0))):max(0, int(np.ceil(y1))), max(0, int(np.floor(x0))):max(0, int(np.ceil(x1)))] = True
+        lesion_src = "lesion_box"
+    if not lesion.any():
+        raise MammoInputError(lesion_src, "remove mode needs a lesion in the region, but the lesion mask is empty")
+    if breast_mask_file is not None:
+        breast = load_mask_file(breast_mask_file, expected_shape=(h, w)) > 0
+    else:
+        breast = breast_mask(image)
+    if not (breast & lesion).any():
+        raise MammoInputError(lesion_src, "remove mode needs a lesion in the region, but the lesion lies outside the breast")
+    with tempfile.TemporaryDirectory(prefix="mammo_gcdm_remove_") as tmp:
+        union = Path(tmp) / "breast.png"
+        Image.fromarray(((breast | lesion) * 255).astype(np.uint8)).save(union)
+        conditions = build_conditions(image_size=int(image_size), normaliser_file=normaliser_file,
+                                      max_lesions=int(max_lesions), breast_mask_file=str(union),
+                                      source_image=str(path), laterality=laterality, case_id=str(case_id))
+    geom = conditions.geometry
+    if geom is not None:
+        lesion_model = geom.apply_image(lesion.astype(np.float32)[None], "mask")[0].numpy() > 0
+        known = geom.apply_image(image[None].astype(np.float32), "image")[0].numpy()
+    else:
+        lesion_model, known = lesion, image
+    if not lesion_model.any():
+        raise MammoInputError(lesion_src, "remove mode needs a lesion in the region, but the lesion vanishes at the "
+                                          f"model resolution ({image_size} px)")
+    region = keep_region(np.where(lesion_model, 2, 1).astype(np.uint8), keep_dilation)
+    conditions.source["mask"]["removed_lesion"] = {"source": Path(lesion_src).name if lesion_mask_file else "lesion_box",
+                                                   "pixels_model": int(lesion_model.sum())}
+    case = InferenceCase(name=str(case_id), conditions=conditions, seeds=list(seeds), mode="remove",
+                         known_image=np.clip(known, 0.0, 1.0).astype(np.float32), region=region,
+                         source_dicom=str(path) if _is_dicom(path) else None)
+    case.extra["image_file"] = {"name": path.name, "sha256": _sha256(path)}
+    case.extra["removed_lesion_model"] = lesion_model
+    return case
+
+
+_MASK_INPUTS = ("mask_file", "breast_mask_file", "lesion_mask_file", "lesion_box")
+
+
+def _mask_free_case(kwargs: Mapping[str, Any]) -> InferenceCase:
+    """A whole mammogram from attributes alone (MAM-E): no breast mask, no lesion; sampled with the mask dropped
+    (``case.extra["mask_free"]``), so the network draws the breast shape itself."""
+    from custom.data.conditions import Conditions
+    size, slots = int(kwargs["image_size"]), int(kwargs["max_lesions"])
+    cond = Conditions(case_id=str(kwargs.get("case_id", "synthetic")), label=np.zeros((size, size), dtype=np.uint8),
+                      lesion_masks=np.zeros((slots, size, size), dtype=np.float32),
+                      features=np.zeros((slots, 67), dtype=np.float32), lesion_present=np.zeros((slots,), dtype=np.float32),
+                      geometry=None, source={"mask": {"mode": "none (mask-free: attributes only, mask dropped)"},
+                                             "features": {"mode": "none"}, "image_size": size, "max_lesions": slots,
+                                             "num_lesions": 0})
+    case = InferenceCase(name=cond.case_id, conditions=cond, seeds=_seeds(kwargs.get("seed", 0), kwargs.get("num_samples", 1)))
+    case.extra["mask_free"] = True
+    return case
+
+
+def build_edit_cases(*, mode: str = "generate", attributes: Any = None, prompt: str | None = None,
+                     attribute_dicom: str | None = None, attribute_names: Sequence[str] | None = (),
+                     **kwargs: Any) -> CaseSet:
+    """:func:`custom.engines.inference.build_inference_cases` plus attributes and the ``inpaint`` / ``remove`` modes.
+
+    ``kwargs`` are those of ``build_inference_cases``. Each case gets ``case.extra["attributes"]`` (dict) and, when
+    the model reads attributes, ``case.extra["attribute_codes"]`` (``(K,)`` int64).
+
+    Raises:
+        MammoInputError: an unknown mode, bad attributes (see :func:`gather_attributes`), remove mode without a
+        lesion, and everything ``build_inference_cases`` rejects.
+    """
+    mode = str(mode).strip().lower()
+    if mode not in EDIT_MODES:
+        raise MammoInputError("mode", f"unknown mode {mode!r} (use {', '.join(EDIT_MODES)})")
+    names = check_attribute_names(attribute_names, "attribute_names")
+    user = gather_attributes(attributes, prompt, attribute_dicom, names)
+    if mode == "remove":
+        if kwargs.get("datalist") is not None:
+            raise MammoInputError(kwargs["datalist"], "remove mode works on one image (image_file + lesion_mask_file), "
+                                                      "not on a datalist")
+        extra_inputs = {k: kwargs.get(k) for k in ("mask_file", "feature_file", "reference_image", "reference_lesion_mask")}
+        case = _remove_case(image_file=kwargs.get("image_file"), lesion_mask_file=kwargs.get("lesion_mask_file"),
+                            lesion_box=kwargs.get("lesion_box"), breast_mask_file=kwargs.get("breast_mask_file"),
+                            image_size=kwargs["image_size"], normaliser_file=kwargs["normaliser_file"],
+                            max_lesions=kwargs["max_lesions"], seeds=_seeds(kwargs.get("seed", 0), kwargs.get("num_samples", 1)),
+                            case_id=str(kwargs.get("case_id", "synthetic")), keep_dilation=int(kwargs.get("keep_dilation", 4)),
+                            laterality=kwargs.get("laterality"), extra_inputs=extra_inputs)
+        for name in ("lesion_category", "lesion_birads"):
+            if name in names and name not in user:
+                user = {**user, name: "none"}
+            elif user.get(name, "none") != "none":
+                raise MammoInputError("attributes", f"remove mode generates the no-lesion condition; {name}="
+                                                    f"{user[name]} contradicts it")
+        cases = CaseSet([case], [], {"mode": "remove", "input": "condition"})
+    elif mode == "generate" and kwargs.get("datalist") is None and not any(
+            kwargs.get(k) is not None for k in _MASK_INPUTS):
+        if not user:
+            raise MammoInputError("mask", "no mask given: use mask_file (3-class label map) or breast_mask_file, or "
+                                          "generate a whole mammogram from attributes alone with --attributes / --prompt")
+        given = [k for k in ("feature_file", "reference_image", "reference_lesion_mask", "image_file")
+                 if kwargs.get(k) is not None]
+        if given:
+            raise MammoInputError(given[0], "mask-free generation (attributes only) takes no lesion features or image")
+        cases = CaseSet([_mask_free_case(kwargs)], [], {"mode": "generate", "input": "attributes"})
+    else:
+        cases = build_inference_cases(mode="keep" if mode == "inpaint" else mode, **kwargs)
+        if mode == "inpaint":
+            for case in cases.cases:
+                case.mode = "inpaint"
+            cases.source["mode"] = "inpaint"
+    entries: dict[str, Mapping[str, Any]] = {}
+    datalist = kwargs.get("datalist")
+    if names and datalist is not None:
+        path = Path(datalist)
+        path = path / "datalist.json" if path.is_dir() else path
+        try:
+            entries = {str(e["case_id"]): e for split in json.loads(path.read_text()).values() if isinstance(split, list)
+                       for e in split}
+        except (OSError, ValueError):
+            entries = {}
+    for case in cases.cases:
+        attrs = dict(user)
+        if case.name in entries:
+            own = {k: v for k, v in attributes_from_entry(entries[case.name], Path(datalist) if Path(datalist).is_dir()
+                                                          else Path(datalist).parent).items() if k in names}
+            attrs = {**own, **user}
+        case.extra["attributes"] = attrs
+        if names:
+            case.extra["attribute_codes"] = encode_attributes(attrs, names)
+    return cases
+
+
+def check_edit_inputs(mode: str, network: nn.Module, attribute_names: Sequence[str] | None = (),
+                      info_path: str | os.PathLike | None = None) -> None:
+    """Checks needing the network or the model's side file, run before sampling.
+
+    Raises:
+        MammoInputError: ``mode``: inpaint mode and a network without the inpainting channels;
+        ``attribute_names`` / ``extra_concat_channels``: the side file (``diffusion_info.json`` / ``inpaint_info.json``)
+        says the model was trained with other values (the message says which option to pass).
+    """
+    mode = str(mode).strip().lower()
+    if mode == "inpaint" and not has_inpaint_channels(network):
+        lc = int(getattr(network, "latent_channels", 0))
+        raise MammoInputError("mode", f"inpaint mode needs a model trained with the inpainting channels "
+                                      f"(extra_concat_channels={inpaint_channels(lc)}, bundle/configs/train_inpaint.json, "
+                                      "used at inference with bundle/configs/inference_inpaint.json); this model has "
+                                      f"extra_concat_channels={getattr(network, 'extra_concat_channels', 0)}: use --mode keep")
+    names = check_attribute_names(attribute_names, "attribute_names")
+    info: dict[str, Any] = {}
+    if info_path is not None and Path(info_path).is_file():
+        try:
+            info = json.loads(Path(info_path).read_text())
+        except (OSError, ValueError):
+            info = {}
+    if "attribute_names" in info and list(info["attribute_names"] or []) != names:
+        raise MammoInputError(info_path, f"the model was trained with attribute_names={info['attribute_names']} but the "
+                                         f"configuration says {names}: pass --attribute_names \"{info['attribute_names']}\"")
+    got = int(getattr(network, "extra_concat_channels", 0))
+    if "extra_concat_channels" in info and int(info["extra_concat_channels"]) != got:
+        raise MammoInputError(info_path, f"the model was trained with extra_concat_channels={info['extra_concat_channels']} "
+                                         f"but the configuration builds {got}: an inpainting model needs "
+                                         "bundle/configs/inference_inpaint.json")
+
+
+class EditPrepareBatch(GCDMInferencePrepareBatch):
+    """:class:`~custom.engines.inference.GCDMInferencePrepareBatch` plus ``attributes`` ``(R, K)`` (when the cases
+    carry attribute codes) and ``edit_mode`` (the cases' mode)."""
+
+    def __call__(self, batchdata: Mapping[str, Any], device: str | torch.device | None = None, non_blocking: bool = False,
+                 **kwargs: Any) -> tuple[torch.Tensor, None, tuple, dict[str, Any]]:
+        label, target, args, out = super().__call__(batchdata, device, non_blocking, **kwargs)
+        cases = batchdata["case"]
+        modes = {c.mode for c in cases}
+        if len(modes) > 1:
+            raise ValueError(f"EditPrepareBatch: cases of different modes in one batch: {sorted(modes)}")
+        out["edit_mode"] = modes.pop() if modes else "generate"
+        if any(c.extra.get("mask_free") for c in cases):
+            if not all(c.extra.get("mask_free") for c in cases):
+                raise ValueError("EditPrepareBatch: mask-free and masked cases in one batch")
+            out["mask_free"] = True
+        if any("attribute_codes" in c.extra for c in cases):
+            rows = [torch.as_tensor(c.extra["attribute_codes"], dtype=torch.long) for c in cases for _ in c.seeds]
+            out["attributes"] = torch.stack(rows).to(device=device)
+        return label, target, args, out
+
+
+class EditSamplingInferer(GCDMSamplingInferer):
+    """:class:`~custom.engines.inference.GCDMSamplingInferer` with the ``inpaint`` and ``remove`` modes and the
+    attribute tokens (arguments as the parent).
+
+    ``inferer(label, network, ..., edit_mode=..., attributes=(R, K) codes)``:
+
+    * a network with attribute tokens and no ``attributes`` gets all attributes "not given" (null tokens);
+    * a network with the inpainting channels generating a whole image gets region = everything, blank image;
+    * ``inpaint``, and ``remove`` with an inpainting network: the channels of :func:`inpaint_concat`, plain DDIM,
+      then paste-back; ``keep``, and ``remove`` without: the parent's RePaint path.
+    """
+
+    @torch.no_grad()
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, edit_mode: str | None = None,
+                 attributes: torch.Tensor | None = None, known_image: torch.Tensor | None = None,
+                 region: torch.Tensor | None = None, mask_free: bool = False, **kwargs: Any) -> torch.Tensor:
+        label = torch.as_tensor(inputs).float()
+        label = label.as_tensor() if hasattr(label, "as_tensor") else label
+        if label.ndim == 3:
+            label = label[None]
+        r = label.shape[0]
+        sources = getattr(network, "token_sources", {}) or {}
+        if "attributes" in sources:
+            k = len(sources["attributes"].names)
+            if attributes is None:
+                attributes = torch.full((r, k), -1, dtype=torch.long)
+            kwargs["attributes"] = attributes.to(label.device)
+        elif attributes is not None:
+            raise MammoInputError("attributes", "the model was trained without attributes")
+        if mask_free:
+            network = MaskDropped(network)
+        mode = (edit_mode or ("keep" if known_image is not None else "generate")).lower()
+        inpaint_net = has_inpaint_channels(network)
+        if mode == "inpaint" and not inpaint_net:
+            raise MammoInputError("mode", "inpaint mode needs a model trained with the inpainting channels "
+                                          "(train_inpaint.json); use --mode keep")
+        use_inpaint = inpaint_net and (mode in ("inpaint", "generate") or (mode == "remove"))
+        if not use_inpaint:
+            return super().__call__(label, network, *args, known_image=known_image, region=region, **kwargs)
+        if known_image is None:  # whole-image generation with an inpainting model
+            full = torch.ones_like(label)
+            kwargs["extra_concat"] = inpaint_concat(self.encoder, torch.zeros_like(label), full)
+            return super().__call__(label, network, *args, **kwargs)
+        known = known_image.float().to(label.device)
+        reg = region.float().to(label.device)
+        kwargs["extra_concat"] = inpaint_concat(self.encoder, known, reg)
+        img = super().__call__(label, network, *args, **kwargs)
+        w = torch.stack([paste_weights(reg[i, 0], self.feather) for i in range(r)])[:, None].to(label.device)
+        return torch.where(w > 0, w * img + (1.0 - w) * known, known)
+
+
+class MaskDropped(nn.Module):
+    """Wrap a GCDM network so that every call drops the mask (``drop_mask = True``; the features' drop flag is
+    kept): the conditional branch of CFG then sees "no mask" + the given attributes, the unconditional branch drops
+    everything as usual. Used for mask-free generation."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+        for name in ("latent_channels", "max_lesions", "extra_concat_channels", "token_sources", "conditioner"):
+            if hasattr(network, name):
+                object.__setattr__(self, name, getattr(network, name))
+
+    def forward(self, *args: Any, drop_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        x = args[0]
+        return self.network(*args, drop_mask=torch.ones(x.shape[0], dtype=torch.bool, device=x.device), **kwargs)
+
+    def train(self, mode: bool = True) -> "MaskDropped":
+        self.network.train(mode)
+        return super().train(mode)
+
+
+class EditSampleWriter(SampleWriter):
+    """:class:`~custom.engines.inference.SampleWriter` that also records, per case, the attributes, the edit mode's
+    region and mechanism in the sidecar parameters (arguments as the parent)."""
+
+    def __call__(self, engine: Any) -> None:
+        base = self.parameters
+        cases = engine.state.batch["case"]
+        extra: dict[str, Any] = {}
+        if len(cases) == 1:
+            case = cases[0]
+            if case.extra.get("attributes"):
+                extra["attributes"] = dict(case.extra["attributes"])
+            if case.mode in ("inpaint", "remove"):
+                net = getattr(engine, "network", None)
+                extra["edit"] = {"mode": case.mode, "region_pixels": int(np.asarray(case.region).sum()),
+                                 "mechanism": "inpaint" if net is not None and has_inpaint_channels(net) else "keep",
+                                 "image_file": case.extra.get("image_file")}
+        try:
+            self.parameters = {**base, **extra}
+            super().__call__(engine)
+        finally:
+            self.parameters = base

@@ -1,0 +1,266 @@
+"""Clinical attributes: vocabulary and parsing (datalist, --attributes, prompt, DICOM), the attribute token source
+with per-attribute CFG dropping, a tiny network that learns to read an attribute, and the phantom's attribute
+content (density, vendor, breast area, lesion-free truth)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from custom.data.attributes import (
+    ATTRIBUTES,
+    area_bin,
+    attach_attribute_codes,
+    attributes_from_dicom,
+    attributes_from_entry,
+    decode_attributes,
+    describe_attributes,
+    encode_attributes,
+    merge_attributes,
+    normalise_value,
+    parse_attribute_string,
+    parse_prompt,
+)
+from custom.errors import MammoInputError
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _msg(fn) -> str:
+    with pytest.raises(MammoInputError) as info:
+        fn()
+    return str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+def test_attribute_string_hand_written_cases():
+    assert parse_attribute_string("view=MLO,density=D,area=small") == {"view": "MLO", "density": "D", "area": "small"}
+    assert parse_attribute_string(" vendor = Siemens , side=left, birads=BI-RADS 4A ") == {
+        "manufacturer": "siemens", "laterality": "L", "breast_birads": "4"}
+    assert parse_attribute_string("density=very high,area=0.65") == {"density": "D", "area": "large"}
+    assert parse_attribute_string(None) == {} and parse_attribute_string("") == {}
+    assert parse_attribute_string({"view": "cc"}) == {"view": "CC"}
+    m = _msg(lambda: parse_attribute_string("view=MLO,colour=red"))
+    assert m.startswith("attributes:") and "'colour'" in m and "density" in m
+    m = _msg(lambda: parse_attribute_string("density=E"))
+    assert "'E'" in m and "A, B, C, D" in m
+    assert "name=value" in _msg(lambda: parse_attribute_string("view"))
+    assert "twice" in _msg(lambda: parse_attribute_string("view=CC,view=MLO"))
+
+
+def test_prompt_parser_hand_written_cases():
+    assert parse_prompt("a siemens mammogram in MLO view with high density and small area") == {
+        "manufacturer": "siemens", "view": "MLO", "density": "C", "area": "small"}
+    assert parse_prompt("a mammogram in MLO view with high density") == {"view": "MLO", "density": "C"}
+    assert parse_prompt("A Hologic mammogram in CC view with very low density and big area") == {
+        "manufacturer": "hologic", "view": "CC", "density": "A", "area": "large"}
+    assert parse_prompt("healthy right breast, mediolateral oblique, density B, BI-RADS 1") == {
+        "lesion_category": "none", "laterality": "R", "view": "MLO", "density": "B", "breast_birads": "1"}
+    assert parse_prompt("a GE Healthcare mammogram with a mass") == {"manufacturer": "ge", "lesion_category": "mass"}
+    assert parse_prompt("a mammogram without lesions") == {"lesion_category": "none"}
+    assert parse_prompt(None) == {} and parse_prompt("a mammogram") == {}
+    m = _msg(lambda: parse_prompt("a mammogram in MLO view with fluffy density"))
+    assert m.startswith("prompt:") and "'fluffy'" in m and "word 7" in m
+    assert "'density'" in _msg(lambda: parse_prompt("a mammogram with density"))
+    assert "contradicts" in _msg(lambda: parse_prompt("a CC mammogram in MLO view"))
+
+
+def test_values_from_dataset_strings_and_area_rule():
+    assert normalise_value("density", "DENSITY C") == "C"
+    assert normalise_value("breast_birads", "BI-RADS 5") == "5"
+    assert normalise_value("lesion_category", "['Mass']") == "mass"
+    assert normalise_value("manufacturer", "HOLOGIC, Inc.") == "hologic"
+    assert normalise_value("manufacturer", "GE MEDICAL SYSTEMS - mammo_gcdm phantom") == "ge"
+    # MAM-E: < 0.4 small, 0.4 - 0.6 medium, > 0.6 large
+    assert [area_bin(r) for r in (0.0, 0.399, 0.4, 0.6, 0.601, 1.0)] == ["small", "small", "medium", "medium", "large", "large"]
+    with pytest.raises(ValueError):
+        area_bin(1.5)
+
+
+def test_dicom_tags_and_datalist_entry(tmp_path):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.2"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.2"
+    ds.ViewPosition, ds.ImageLaterality, ds.Manufacturer = "MLO", "R", "SIEMENS"
+    path = tmp_path / "ref.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert attributes_from_dicom(path) == {"view": "MLO", "laterality": "R", "manufacturer": "siemens"}
+    ds.ViewPosition, ds.Manufacturer = "ML", "ACME Imaging"
+    ds.save_as(path, enforce_file_format=True)
+    assert attributes_from_dicom(path) == {"laterality": "R", "manufacturer": "other"}
+    assert "not found" in _msg(lambda: attributes_from_dicom(tmp_path / "none.dcm"))
+
+    lab = np.zeros((10, 10), dtype=np.uint8)
+    lab[:, :7] = 1  # 70 % breast -> large
+    lab[2:4, 2:4] = 2
+    (tmp_path / "labels").mkdir()
+    Image.fromarray(lab).save(tmp_path / "labels" / "c.png")
+    entry = {"case_id": "c", "label": "labels/c.png", "view": "CC", "laterality": "L", "density": "DENSITY D",
+             "breast_birads": "BI-RADS 4", "num_lesions": 2, "findings": [
+                 {"category": "Mass", "birads": "BI-RADS 3"}, {"category": "Suspicious Calcification", "birads": "BI-RADS 4"}],
+             "source_image": str(path)}
+    assert attributes_from_entry(entry, tmp_path) == {
+        "view": "CC", "laterality": "L", "density": "D", "breast_birads": "4", "lesion_category": "calcification",
+        "lesion_birads": "4", "area": "large", "manufacturer": "other"}
+    healthy = {"case_id": "h", "view": "MLO", "num_lesions": 0, "findings": []}
+    assert attributes_from_entry(healthy) == {"view": "MLO", "lesion_category": "none", "lesion_birads": "none"}
+
+
+def test_merge_encode_decode_and_describe():
+    a = merge_attributes(("attributes", {"view": "MLO"}), ("prompt", {"view": "MLO", "density": "C"}))
+    assert a == {"view": "MLO", "density": "C"}
+    m = _msg(lambda: merge_attributes(("attributes", {"view": "CC"}), ("prompt", {"view": "MLO"})))
+    assert m.startswith("prompt:") and "view=MLO contradicts view=CC from attributes" in m
+    names = ["view", "density", "area"]
+    codes = encode_attributes({"density": "D", "view": "CC"}, names)
+    assert codes.dtype == np.int64 and codes.tolist() == [0, 3, -1]
+    assert decode_attributes(codes, names) == {"view": "CC", "density": "D"}
+    assert "manufacturer" in _msg(lambda: encode_attributes({"manufacturer": "ge"}, names))
+    assert describe_attributes({"manufacturer": "siemens", "view": "MLO", "density": "C", "area": "small"}) == \
+        "a siemens mammogram in MLO view with high density and small area"
+
+
+def test_attach_codes_from_prepared_datalist(prepared_dir):
+    from custom.data.training import load_prepared_datalist
+
+    items = load_prepared_datalist(prepared_dir, "training", limit=4)
+    assert attach_attribute_codes(items, prepared_dir, []) == items  # off: unchanged
+    out = attach_attribute_codes(items, prepared_dir, ["view", "density", "area", "manufacturer", "lesion_category"])
+    for it in out:
+        codes = it["attributes"]
+        assert codes.shape == (5,) and (codes >= 0).all()  # the phantom datalist carries every one of them
+        attrs = decode_attributes(codes, ["view", "density", "area", "manufacturer", "lesion_category"])
+        assert attrs["view"] == it["view"] and attrs["density"] == str(it["density"]).split()[-1]
+        assert (attrs["lesion_category"] == "none") == (it["num_lesions"] == 0)
+
+
+# ------------------------------------------------------------------------------------------------ token source
+def test_attribute_tokens_null_and_per_attribute_dropping():
+    from custom.networks.attributes import AttributeTokens
+
+    torch.manual_seed(0)
+    src = AttributeTokens(["view", "density", "area"], token_dim=8, drop_rates={"view": 0.0, "density": 1.0, "area": 0.3})
+    codes = torch.tensor([[1, 2, 0]] * 4000)
+    null = src.tables["density"].weight[len(ATTRIBUTES["density"])]
+    src.eval()
+    tok = src(codes)
+    assert tok.shape == (4000, 3, 8)
+    assert torch.equal(tok[0, 0], src.tables["view"].weight[1]) and torch.equal(tok[0, 1], src.tables["density"].weight[2])
+    missing = src(torch.tensor([[-1, -1, -1]]))
+    assert torch.equal(missing[0, 1], null)  # not given == the learned null token
+    src.train()
+    tok = src(codes)
+    dropped = src.last_dropped
+    assert not dropped[:, 0].any() and dropped[:, 1].all()  # rate 0 never, rate 1 always
+    assert abs(dropped[:, 2].float().mean().item() - 0.3) < 0.03  # its own rate
+    assert torch.equal(tok[dropped[:, 2], 2][0], src.tables["area"].weight[len(ATTRIBUTES["area"])])
+    with pytest.raises(ValueError):
+        src(torch.tensor([[2, 0, 0]]))  # view has 2 values
+    with pytest.raises(MammoInputError):
+        AttributeTokens(["view", "colour"], 8)
+
+
+def _tiny_network(names):
+    from custom.networks.attributes import attribute_token_sources
+    from custom.networks.gcdm import GCDMNetwork
+
+    return GCDMNetwork(
+        latent_channels=2, mask_latent_channels=0, max_lesions=1,
+        conditioner={"mode": "off", "radiomic_dim": 67, "token_dim": 16, "num_tokens": 1},
+        unet_kwargs={"channels": [8, 8], "attention_levels": [False, True], "num_res_blocks": 1, "num_head_channels": 8,
+                     "norm_num_groups": 4},
+        token_sources=attribute_token_sources(names, 16, {n: 0.2 for n in names}),
+    )
+
+
+def test_tiny_network_learns_to_read_an_attribute():
+    """Target noise +1 for CC and -1 for MLO: after a few steps the prediction follows the view; an attribute that is
+    not given uses the null token (same output as dropping it)."""
+    torch.manual_seed(0)
+    net = _tiny_network(["view", "density"])
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    b = 8
+    kw = dict(mask_latent=None, features=torch.zeros(b, 1, 67), lesion_masks=torch.zeros(b, 1, 8, 8),
+              lesion_present=torch.zeros(b, 1))
+    for _ in range(150):
+        view = torch.randint(0, 2, (b,))
+        codes = torch.stack([view, torch.randint(0, 4, (b,))], dim=1)
+        x = torch.randn(b, 2, 8, 8)
+        target = (1.0 - 2.0 * view.float()).view(b, 1, 1, 1).expand(b, 2, 8, 8)
+        loss = torch.nn.functional.mse_loss(net(x, torch.randint(0, 100, (b,)), attributes=codes, **kw), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    x = torch.randn(2, 2, 8, 8)
+    t = torch.tensor([50, 50])
+    kw2 = {k: v[:2] for k, v in kw.items() if v is not None}
+    with torch.no_grad():
+        out = net(x, t, mask_latent=None, attributes=torch.tensor([[0, 1], [1, 1]]), **kw2)
+        assert out[0].mean() > 0.5 and out[1].mean() < -0.5  # CC -> +1, MLO -> -1
+        given_null = net(x, t, mask_latent=None, attributes=torch.tensor([[-1, 1], [-1, 1]]), **kw2)
+        src = net.token_sources["attributes"]
+        forced = net.unet(x, t, context=torch.cat([net.conditioner(torch.zeros(2, 67), torch.zeros(2, 1, 8, 8)),
+                                                   src(torch.tensor([[1, 1], [0, 1]]), drop=torch.tensor([[True, False]] * 2))], 1))
+        assert torch.allclose(given_null, forced, atol=1e-5)  # "not given" == dropped to the null token
+        assert given_null[0].mean().abs() < out[0].mean().abs()  # the null view is neither
+
+
+# ------------------------------------------------------------------------------------------------ phantom
+def test_phantom_density_vendor_area_and_lesion_free_truth():
+    from custom.data.phantom import PHANTOM_VENDORS, _render, phantom_image
+
+    # density: glandular fraction follows the tag -> mean breast brightness rises A < B < C < D (same outline/texture)
+    means = [float(_render(1, 0, 0, (160, 128), d, 0).display[_render(1, 0, 0, (160, 128), d, 0).breast].mean())
+             for d in "ABCD"]
+    assert means == sorted(means) and means[-1] - means[0] > 0.1
+    # vendor: the tone curve changes the appearance of the same image
+    a = _render(1, 0, 0, (160, 128), "C", 0, vendor="SIEMENS").display
+    b = _render(1, 0, 0, (160, 128), "C", 0, vendor="GE MEDICAL SYSTEMS").display
+    assert a.mean() > b.mean() + 0.02 and set(PHANTOM_VENDORS) == {"SIEMENS", "HOLOGIC", "GE MEDICAL SYSTEMS"}
+    # breast area class: small < medium < large breast pixels
+    areas = [_render(1, 0, 0, (160, 128), "C", 0, area_class=c).breast.mean() for c in ("small", "medium", "large")]
+    assert areas[0] < areas[1] < areas[2]
+    # lesion-free truth: identical outside the masses, different inside them
+    img = next(phantom_image(0, s, i, (160, 128)) for s in range(6) for i in range(4)
+               if phantom_image(0, s, i, (160, 128)).masses)
+    assert img.lesion_free_stored is not None and img.lesion_free_stored.shape == img.stored.shape
+    assert img.vendor in PHANTOM_VENDORS and img.dataset.Manufacturer.startswith(img.vendor)
+    inside = np.zeros(img.stored.shape, dtype=bool)
+    for m in img.masses:
+        x0, y0, x1, y1 = m["box"]
+        inside[max(0, y0 - 12):y1 + 12, max(0, x0 - 12):x1 + 12] = True
+    diff = img.stored.astype(np.int64) - img.lesion_free_stored.astype(np.int64)
+    assert (diff[~inside] == 0).all() and np.abs(diff[inside]).max() > 0
+
+
+def test_phantom_writes_lesion_free_dicoms(phantom_dir):
+    import pydicom
+
+    from custom.data.attributes import attributes_from_dicom
+    from custom.data.phantom import LESION_FREE_DIR
+    from custom.data.prepare import load_display_image
+
+    files = sorted((phantom_dir / LESION_FREE_DIR).glob("*/*.dicom"))
+    assert files
+    for f in files[:3]:
+        src = phantom_dir / "images" / f.parent.name / f.name
+        a, _ = load_display_image(src)
+        b, _ = load_display_image(f)
+        assert a.shape == b.shape and (a != b).any() and np.mean(a == b) > 0.9
+        assert "LESION-FREE" in str(pydicom.dcmread(f, stop_before_pixels=True).SeriesDescription)
+        assert attributes_from_dicom(src)["manufacturer"] in ("siemens", "hologic", "ge")

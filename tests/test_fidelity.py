@@ -1,0 +1,81 @@
+"""The reconstruction loop's attribute classifier on hand-made images whose attributes are plainly visible."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _images(n: int, seed: int):
+    """Density = brightness level, MLO = a bright top-left triangle, lesion = a bright square."""
+    g = np.random.default_rng(seed)
+    imgs, attrs = [], []
+    yy, xx = np.mgrid[0:24, 0:24]
+    for _ in range(n):
+        d, v, les = int(g.integers(4)), int(g.integers(2)), int(g.integers(2))
+        img = np.full((24, 24), 0.1 + 0.2 * d) + g.normal(0, 0.02, (24, 24))
+        if v:
+            img[(xx + yy) < 10] = 1.0
+        if les:
+            r, c = g.integers(12, 18, 2)
+            img[r:r + 4, c:c + 4] = 1.0
+        imgs.append(img)
+        attrs.append({"density": "ABCD"[d], "view": ("CC", "MLO")[v], "lesion": ("no", "yes")[les]})
+    return torch.tensor(np.stack(imgs)[:, None], dtype=torch.float32).clamp(0, 1), attrs
+
+
+def test_attribute_classifier_reads_visible_attributes_and_fidelity_table(tmp_path):
+    from custom.errors import MammoInputError
+    from custom.metrics.attribute_classifier import (
+        attribute_fidelity,
+        load_classifier,
+        predict_attributes,
+        save_classifier,
+        train_attribute_classifier,
+    )
+
+    train_x, train_a = _images(96, 0)
+    model = train_attribute_classifier(train_x, train_a, epochs=25, batch_size=16, seed=0)
+    test_x, test_a = _images(32, 1)
+    # "generated" images that show the opposite view of what was requested: view accuracy must collapse
+    wrong = [{**a, "view": "CC" if a["view"] == "MLO" else "MLO"} for a in test_a]
+    fid = attribute_fidelity(model, test_x, wrong, test_x, test_a)
+    assert fid["real"]["view"]["accuracy"] >= 0.8 and fid["real"]["lesion"]["accuracy"] >= 0.8  # chance: 0.5
+    # binary head, every request flipped: accuracy on "generated" is exactly 1 - the real accuracy
+    assert fid["generated"]["view"]["accuracy"] == pytest.approx(1.0 - fid["real"]["view"]["accuracy"])
+    assert fid["generated"]["density"] == fid["real"]["density"]  # density was requested as shown
+    save_classifier(model, tmp_path / "clf.pt")
+    again = load_classifier(tmp_path / "clf.pt")
+    assert predict_attributes(again, test_x) == predict_attributes(model, test_x)
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(MammoInputError, match="bad.pt"):
+        load_classifier(tmp_path / "bad.pt")
+
+
+def test_lesion_radiomics_fidelity_pairs_lesions_and_identical_images_correlate_perfectly():
+    from custom.metrics.fidelity import lesion_radiomics_fidelity
+
+    g = np.random.default_rng(0)
+    b, s = 4, 40
+    real = np.clip(0.3 + 0.05 * g.standard_normal((b, 1, s, s)), 0, 1)
+    inst = np.zeros((b, s, s), dtype=np.uint8)
+    yy, xx = np.mgrid[0:s, 0:s]
+    for i in range(b):  # one disc per image, radius and brightness growing with i: features vary across lesions
+        disc = (yy - 20) ** 2 + (xx - 20) ** 2 <= (4 + 2 * i) ** 2
+        inst[i][disc] = 1
+        real[i, 0][disc] = np.clip(0.5 + 0.1 * i + 0.05 * g.standard_normal(disc.sum()), 0, 1)
+    out = lesion_radiomics_fidelity(real, real.copy(), real[:, :, ::-1, :].copy(), inst)
+    assert out["n_pairs"] == 4 and out["n_failed"] == 0
+    assert out["generated"]["mean"] == pytest.approx(1.0)  # the same image measured twice: every defined rho = 1
+    assert out["generated"]["n_undefined"] < 67
+    few = lesion_radiomics_fidelity(real[:2], real[:2], real[:2], inst[:2])
+    assert few["generated"]["mean"] is None and few["n_pairs"] == 2
