@@ -109,15 +109,21 @@ def bench_models(name: str, extra: list[str], repeats: int, device: str = "cpu")
     rows = [(f"stage 1 training step, {name} config", f"{b1 / t1:.2f} images/s", f"{size}x{size}, batch {b1}")]
     del opt
 
-    p2 = _parse(dm_files, device=f"$torch.device('{device}')")
+    # paper.json needs Stable Diffusion weights (sd_path); the benchmark times random SD-shaped ones
+    p2 = _parse(dm_files, device=f"$torch.device('{device}')", **({"sd_random_weights": True} if name == "paper" else {}))
     b2 = 1 if name == "paper" else int(p2.get_parsed_content("batch_size"))
     net = p2.get_parsed_content("network_def").to(device)
     lat_c = int(p2.get_parsed_content("latent_channels"))
     mask_c = int(p2.get_parsed_content("mask_latent_channels"))
     max_l = int(p2.get_parsed_content("max_lesions"))
-    h = size // 4
+    if name == "paper":  # the frozen SD VAE replaces stage 1 (8x downsampling, one 4-channel mask latent)
+        sd_vae = p2.get_parsed_content("latent_encoder")
+        encode_image, encode_mask, decode = sd_vae.encode, sd_vae.encode_mask, sd_vae.decode
+    else:
+        encode_image = encode_mask = ae.encode_stage_2_inputs
+        decode = ae.decode_stage_2_outputs
     with torch.no_grad():
-        h = int(ae.encode_stage_2_inputs(x[:1]).shape[-1])
+        h = int(encode_image(x[:1]).shape[-1])
     cond = {
         "mask_latent": torch.randn(b2, mask_c, h, h, device=device),
         "features": torch.rand(b2, max_l, 67, device=device),
@@ -137,8 +143,11 @@ def bench_models(name: str, extra: list[str], repeats: int, device: str = "cpu")
 
     def stage2_step_encoding():
         with torch.no_grad():
-            ae.encode_stage_2_inputs(images)
-            ae.encode_stage_2_inputs(images.repeat(3, 1, 1, 1))  # the 3 soft-mask channels
+            encode_image(images)
+            if name == "paper":
+                encode_mask(images.repeat(1, 3, 1, 1))  # the soft mask's label image
+            else:
+                encode_mask(images.repeat(3, 1, 1, 1))  # the 3 soft-mask channels
         stage2_step()
 
     ae.eval()
@@ -162,7 +171,7 @@ def bench_models(name: str, extra: list[str], repeats: int, device: str = "cpu")
     per_step = _timed(guided_step, repeats)
     with torch.no_grad():
         t0 = time.perf_counter()
-        ae.decode_stage_2_outputs(z[:1])
+        decode(z[:1])
         decode = time.perf_counter() - t0
     rows.append((f"sampling latency, {name} config", f"{50 * per_step + decode:.1f} s/image",
                  f"50 DDIM steps with CFG (batch 2 per step): 50 x {per_step:.3f} s measured per step + {decode:.2f} s decode"))
