@@ -80,3 +80,18 @@ def test_paper_config_trains_two_iterations_and_samples(tmp_path, prepared_dir):
                       decoder=latent_encoder, progress=False)
     assert out.latents.shape == (1, 4, 8, 8) and out.images.shape == (1, 1, 64, 64)
     assert torch.isfinite(out.images).all() and 0 <= out.images.min() and out.images.max() <= 1
+
+
+def test_random_sd_weights_option_builds_without_files(tmp_path, prepared_dir):
+    """--sd_random_weights true: SD-shaped UNet and VAE from random weights (what make bench / the GPU check time)."""
+    p = _parser(tmp_path, prepared_dir, sd_random_weights=True, **{"clip_kwargs": {
+        "image_size": 32, "patch_size": 16, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "intermediate_size": 64, "projection_dim": 24, "output": "projected"}})
+    net = p.get_parsed_content("network_def")
+    assert net.unet.in_channels == 8 and net.conditioner.mask_encoder.clip_path is None
+    enc = p.get_parsed_content("latent_encoder")
+    assert enc.checkpoint_digest == "random"
+    soft = torch.zeros(1, 3, 64, 64)
+    soft[:, 1] = 1
+    assert enc.encode(torch.rand(1, 1, 64, 64)).shape == (1, 4, 8, 8) and enc.encode_mask(soft).shape == (1, 4, 8, 8)
+    assert enc.decode(torch.zeros(1, 4, 8, 8)).shape == (1, 1, 64, 64)
