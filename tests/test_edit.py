@@ -294,3 +294,20 @@ def test_mask_dropped_wrapper_forces_the_mask_drop():
     net(torch.zeros(2, 4, 2, 2), torch.zeros(2), drop_features=flags, drop_mask=torch.tensor([False, False]))
     assert seen["drop_mask"].tolist() == [True, True] and seen["drop_features"].tolist() == [False, True]
     assert net.latent_channels == 4
+
+
+def test_keep_mode_with_the_inpainting_model_keeps_outside_pixels(models, prepared_dir, case, tmp_path):
+    out = tmp_path / "keep_ip"
+    _run(INPAINT, models, prepared_dir, mode="keep", image_file=case["dicom"], lesion_box=case["box"],
+         feature_file=case["features"], attribute_names=ATTRS, case_id="kp", seed=2, output_dir=str(out))
+    side = json.loads((out / "kp_seed2.json").read_text())
+    img, expected = _png(out / "kp_seed2.png"), _expected_outside(side, case["dicom"])
+    assert side["parameters"]["mode"] == "keep" and (img != expected).any()
+    from scipy import ndimage
+
+    from custom.transforms.geometry import MammoGeometry
+
+    box = np.zeros(_png(case["lesion_png"]).shape, dtype=np.float32)
+    box[_png(case["lesion_png"]) > 0] = 1
+    lesion = MammoGeometry.from_dict(side["conditions"]["geometry"]).apply_image(box[None], "mask")[0].numpy() > 0
+    assert not ((img != expected) & ~ndimage.binary_dilation(lesion, iterations=3)).any()

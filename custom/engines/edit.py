@@ -358,8 +358,9 @@ class EditSamplingInferer(GCDMSamplingInferer):
         if mode == "inpaint" and not inpaint_net:
             raise MammoInputError("mode", "inpaint mode needs a model trained with the inpainting channels "
                                           "(train_inpaint.json); use --mode keep")
-        use_inpaint = inpaint_net and (mode in ("inpaint", "generate") or (mode == "remove"))
-        if not use_inpaint:
+        if not inpaint_net or mode == "keep":
+            if inpaint_net:  # keep (RePaint) with an inpainting model: its channels say "generate everything"
+                kwargs["extra_concat"] = inpaint_concat(self.encoder, torch.zeros_like(label), torch.ones_like(label))
             return super().__call__(label, network, *args, known_image=known_image, region=region, **kwargs)
         if known_image is None:  # whole-image generation with an inpainting model
             full = torch.ones_like(label)
