@@ -151,11 +151,11 @@ label-studies: env
 	$(BIN)/python custom/label_app/make_studies.py --prepared_dir $(PREPARED_DIR) --output_dir $(LABEL_STUDIES)
 
 label: env label-env presets label-studies
-	@test -f $(MODELS_DIR)/model.pt || { echo "no trained model in $(MODELS_DIR): run 'make train' first"; exit 1; }
 	@case "$(LABEL_HOST)" in 127.*|localhost|::1) ;; *) test "$$MONAI_LABEL_AUTH_ENABLE" = true || { \
 		echo "ERROR: LABEL_HOST=$(LABEL_HOST): serving beyond loopback needs MONAI Label's authentication" \
 			"(MONAI_LABEL_AUTH_ENABLE=true, MONAI_LABEL_AUTH_REALM_URI=<Keycloak realm>; see custom/label_app/README.md)"; \
 		exit 1; } ;; esac
+	@test -f $(MODELS_DIR)/model.pt || { echo "no trained model in $(MODELS_DIR): run 'make train' first"; exit 1; }
 	$(LABEL_BIN)/python -m monailabel.main start_server --app custom/label_app --studies $(LABEL_STUDIES) \
 		--uvicorn_app custom.label_app.asgi:app \
 		--conf models mammo_gcdm --conf product_python $(BIN)/python --conf ckpt_dir $(MODELS_DIR) \

@@ -132,6 +132,20 @@ def test_request_features_files_are_read_back_by_the_product(tmp_path):
         features.request_features(None, "caseB", 1, out, presets, library, "typical")
 
 
+def test_synthetic_marker_matches_what_the_product_writes():
+    """The strategies find synthetic images by the SeriesDescription the product writes (no datastore flag): the
+    app's marker must start the product's description and must not match the phantom's own images."""
+    import re
+
+    from custom.data.export import SERIES_DESCRIPTION
+    from custom.data.phantom import PHANTOM_SERIES_DESCRIPTION
+
+    text = (APP / "lib" / "strategies.py").read_text()
+    marker = re.search(r'^SYNTHETIC_SERIES = "([^"]+)"', text, re.M).group(1)
+    assert SERIES_DESCRIPTION.startswith(marker)
+    assert not PHANTOM_SERIES_DESCRIPTION.startswith(marker)
+
+
 # ================================================================================================ server fixture
 def _label_python() -> Path:
     env = os.environ.get("MAMMO_LABEL_PYTHON")

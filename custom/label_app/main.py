@@ -23,7 +23,7 @@ App options (``--conf <key> <value>``; paths relative to the repository root):
 ``queue_size``        syntheses that may wait while one runs (default 4); more get HTTP 429 "busy"
 ``worker``            ``true`` (default): a long-lived product-side worker (``custom/serving/worker.py``) keeps the
                       model loaded between requests; ``false``: one product CLI process per request
-``worker_threads``    torch CPU threads of the worker (default 0: torch's default, all cores)
+``worker_threads``    torch CPU threads of the worker (default 0: the inference config's ``num_threads``, 1 on CPU)
 ====================  ==============================================================================================
 
 The server must be started with this app's request guard, ``--uvicorn_app custom.label_app.asgi:app`` (from the
@@ -74,6 +74,9 @@ def _bundle_version(repo: Path) -> str:
 class MammoGCDMApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
         conf = dict(conf or {})
+        if "custom.label_app.asgi" not in sys.modules:
+            raise RuntimeError("start the server with this app's request guard: --uvicorn_app custom.label_app.asgi:app "
+                               "(from the repository root; `make label` does)")
         self.repo = Path(conf.get("repo") or Path(app_dir).resolve().parents[1]).resolve()
 
         def path(key: str, default: str | Path) -> Path:
@@ -112,16 +115,16 @@ class MammoGCDMApp(MONAILabelApp):
         except ValueError as err:
             raise ValueError(f"--conf queue_size: {err}") from None
         self.worker = None
-        if str(conf.get("worker", "true")).strip().lower() not in ("false", "0", "no", "off"):
+        use_worker = str(conf.get("worker", "true")).strip().lower()
+        if use_worker not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            raise ValueError(f"--conf worker: expected true or false, got {conf.get('worker')!r}")
+        if use_worker in ("true", "1", "yes", "on"):
             try:
                 threads = int(conf.get("worker_threads") or 0)
             except ValueError:
                 raise ValueError(f"--conf worker_threads: not an integer: {conf.get('worker_threads')!r}") from None
             self.worker = WorkerClient(self.product, num_threads=threads)
             threading.Thread(target=self.worker.start, name="product-worker-start", daemon=True).start()
-        if "custom.label_app.asgi" not in sys.modules:
-            raise RuntimeError("start the server with this app's request guard: --uvicorn_app custom.label_app.asgi:app "
-                               "(from the repository root; `make label` does)")
         if not self.product.python.is_file():
             logger.warning("product interpreter %s not found: run `make env` (or set --conf product_python)",
                            self.product.python)

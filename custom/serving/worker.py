@@ -61,16 +61,17 @@ class SynthesisWorker:
         config_files: the inference config files (``bundle/configs/inference.json`` first; later files override).
         ckpt_dir: the trained model folder (``model.pt``, ``autoencoder.pt``, ``feature_normalisation.json``).
         overrides: further fixed config keys (e.g. ``bundle_root``).
-        num_threads: torch CPU threads (default: torch's own choice).
+        num_threads: torch CPU threads (default: the config's ``num_threads``, 1 on CPU, as the CLI).
     """
 
     def __init__(self, config_files: Sequence[str], ckpt_dir: str, overrides: Mapping[str, Any] | None = None,
                  num_threads: int | None = None):
         self.config_files = [str(f) for f in config_files]
         self.fixed = {"ckpt_dir": str(ckpt_dir), **dict(overrides or {})}
-        if num_threads:
-            torch.set_num_threads(int(num_threads))
         parser = self._parser()
+        threads = num_threads or parser.get_parsed_content("num_threads")
+        if threads:
+            torch.set_num_threads(int(threads))
         network = parser.get_parsed_content("network")
         network.eval()
         loader = parser["handlers"][0]
@@ -172,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--config_file", default="bundle/configs/inference.json",
                     help="inference config file(s), comma-separated (later ones override)")
     ap.add_argument("--ckpt_dir", default="bundle/models")
-    ap.add_argument("--num_threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--num_threads", type=int, default=0, help="torch CPU threads (0: the config's num_threads, 1 on CPU)")
     args = ap.parse_args(argv)
     # the protocol owns the real stdout; anything the product prints goes to stderr
     protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
