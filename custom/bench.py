@@ -89,8 +89,8 @@ def bench_models(name: str, extra: list[str], repeats: int, device: str = "cpu")
     import torch
     import torch.nn.functional as F
 
-    ae_files = ["bundle/configs/train_autoencoder.json", *extra]
-    dm_files = ["bundle/configs/train_autoencoder.json", "bundle/configs/train_diffusion.json", *extra]
+    ae_files = ["bundle/configs/common.json", "bundle/configs/train_autoencoder.json", *extra]
+    dm_files = ["bundle/configs/common.json", "bundle/configs/train_diffusion.json", *extra]
     p1 = _parse(ae_files, device=f"$torch.device('{device}')")
     size = int(p1.get_parsed_content("image_size"))
     b1 = 1 if name == "paper" else int(p1.get_parsed_content("batch_size"))

@@ -30,11 +30,11 @@ from custom.errors import MammoInputError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
-STAGE1_CONFIG = CONFIGS / "train_autoencoder.json"
+COMMON_CONFIG = CONFIGS / "common.json"
 DM_CONFIG = CONFIGS / "train_diffusion.json"
 MULTI_CONFIG = CONFIGS / "multi_gpu_train_diffusion.json"
 TINY = REPO / "tests" / "configs" / "dm_tiny.json"
-FILES = [str(STAGE1_CONFIG), str(DM_CONFIG), str(TINY)]
+FILES = [str(COMMON_CONFIG), str(DM_CONFIG), str(TINY)]
 
 
 def _cause_chain(err: BaseException) -> list[BaseException]:

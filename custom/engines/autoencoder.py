@@ -107,7 +107,10 @@ def handlers_for_rank(handlers: Sequence | None) -> list:
 
 
 def loss_terms(output: Any) -> dict[str, float]:
-    """``{name: float}`` of the loss terms in a trainer output (``output_transform`` for Stats/TensorBoard handlers)."""
+    """``{name: float}`` of the loss terms in a trainer output, a dict or its decollated list (the scalars are the same
+    in every item) — the ``output_transform`` for Stats/TensorBoard handlers."""
+    if isinstance(output, list) and output:
+        output = output[0]
     if not isinstance(output, Mapping):
         return {}
     return {k: float(output[k]) for k in LOSS_KEYS if k in output and output[k] is not None}
@@ -746,11 +749,13 @@ def finalise_stage1(
     device: str | torch.device = "cpu",
     latents: str = "z_mu",
     summary_dir: str | os.PathLike | None = None,
+    model_config: str | None = None,
 ) -> float | None:
     """After training: compute the latent scale factor over ``data_loader`` (the training set) and write the
     stage-1 file ``output_path`` with :func:`custom.engines.checkpoints.save_stage1`.
 
     Under ``torch.distributed`` only rank 0 computes and writes; the other ranks wait at a barrier and get ``None``.
+    ``model_config`` (JSON record of the model keys) is stored in the file for later stages to check.
     With ``summary_dir`` a ``stage1_summary.json`` (scale factor, latent kind, latent shape) is written there too.
     """
     from custom.engines.checkpoints import save_stage1
@@ -761,7 +766,7 @@ def finalise_stage1(
     if is_main_process():
         net = unwrap(autoencoder)
         scale = compute_latent_scale_factor(net, data_loader, device=device, latents=latents)
-        save_stage1(output_path, net, scale)
+        save_stage1(output_path, net, scale, model_config=model_config)
         logger.info("latent scale factor 1/std(%s) = %.6f; stage-1 autoencoder written to %s", latents, scale, output_path)
         if summary_dir is not None:
             atomic_write_json(Path(summary_dir) / "stage1_summary.json",

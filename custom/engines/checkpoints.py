@@ -60,10 +60,14 @@ def save_checkpoint(path: str | os.PathLike, obj: Mapping[str, Any]) -> Path:
     return Path(path)
 
 
-def save_stage1(path: str | os.PathLike, autoencoder: torch.nn.Module, scale_factor: float) -> Path:
-    """Write the stage-1 file: autoencoder weights + latent scale factor."""
+def save_stage1(path: str | os.PathLike, autoencoder: torch.nn.Module, scale_factor: float, model_config: str | None = None) -> Path:
+    """Write the stage-1 file: autoencoder weights + latent scale factor (+ ``model_config``, the JSON record of the
+    model keys it was built with, see ``custom.workflows.bundle``)."""
     state = {k: v.detach().cpu() for k, v in autoencoder.state_dict().items()}
-    return save_checkpoint(path, {"autoencoder": state, "scale_factor": torch.tensor(float(scale_factor))})
+    obj: dict[str, Any] = {"autoencoder": state, "scale_factor": torch.tensor(float(scale_factor))}
+    if model_config is not None:
+        obj["model_config"] = model_config
+    return save_checkpoint(path, obj)
 
 
 def load_stage1(path: str | os.PathLike, autoencoder: torch.nn.Module, map_location: str | torch.device = "cpu") -> float:
@@ -76,7 +80,8 @@ def load_stage1(path: str | os.PathLike, autoencoder: torch.nn.Module, map_locat
     path = Path(path)
     if not path.is_file():
         raise MammoInputError(path, "stage-1 autoencoder checkpoint not found: train stage 1 first "
-                                    "(python -m monai.bundle run training --config_file bundle/configs/train_autoencoder.json)")
+                                    "(python -m monai.bundle run training --config_file \"['bundle/configs/common.json',"
+                                    "'bundle/configs/train_autoencoder.json']\")")
     ckpt = load_checkpoint(path, map_location, what="stage-1 checkpoint")
     if "autoencoder" not in ckpt or "scale_factor" not in ckpt:
         raise MammoInputError(path, f"not a stage-1 checkpoint: expected keys 'autoencoder' and 'scale_factor', found {sorted(ckpt)}")

@@ -358,6 +358,8 @@ class ModelExport:
         info_path: JSON side file (``None``: none).
         info: extra JSON-able fields for the side file (config values).
         evaluator: validation engine whose ``metric_name`` is recorded.
+        model_config: JSON record of the model keys (``custom.workflows.bundle.model_record``), stored in
+            ``model.pt`` so that inference rebuilds this network without the training configs.
     """
 
     def __init__(
@@ -370,6 +372,7 @@ class ModelExport:
         info: Mapping[str, Any] | None = None,
         evaluator: Engine | None = None,
         metric_name: str = "val_noise_mse",
+        model_config: str | None = None,
     ) -> None:
         self.model_path = Path(model_path)
         self.network = network
@@ -379,6 +382,7 @@ class ModelExport:
         self.info = dict(info or {})
         self.evaluator = evaluator
         self.metric_name = metric_name
+        self.model_config = model_config
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
@@ -389,10 +393,10 @@ class ModelExport:
 
         online = cpu_state(self.network)
         ema = cpu_state(self.ema.ema_model) if self.ema is not None else online
-        save_checkpoint(
-            self.model_path,
-            {"model": ema, "network": online, "scale_factor": torch.tensor(float(self.encoder.scale_factor))},
-        )
+        obj = {"model": ema, "network": online, "scale_factor": torch.tensor(float(self.encoder.scale_factor))}
+        if self.model_config is not None:
+            obj["model_config"] = self.model_config
+        save_checkpoint(self.model_path, obj)
         logger.info("final model (EMA weights under 'model'): %s", self.model_path)
         if self.info_path is not None:
             net = unwrap(self.network)
