@@ -30,7 +30,7 @@ from custom.engines.autoencoder import (
     NonFiniteLossHandler,
     compute_latent_scale_factor,
 )
-from custom.engines.checkpoints import load_checkpoint, load_stage1
+from custom.checkpoints import load_checkpoint, load_stage1
 from custom.errors import MammoInputError
 from custom.losses import FeatureNet, LocalPerceptualLoss, kl_loss, load_feature_network, save_feature_network
 

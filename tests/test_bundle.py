@@ -81,7 +81,7 @@ def _zip(folder: Path, path: Path) -> Path:
 def test_a_zipped_bundle_loads_the_network_its_own_configs_describe(models, tmp_path, monkeypatch):
     from monai.bundle import download, load
 
-    from custom.engines.checkpoints import load_checkpoint
+    from custom.checkpoints import load_checkpoint
 
     archive = _zip(_copy_bundle(models, tmp_path / "src" / "mammo_gcdm"), tmp_path / "mammo_gcdm.zip")
     store = tmp_path / "store"

@@ -25,7 +25,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from ignite.engine import Events  # noqa: E402
 from monai.bundle import ConfigParser  # noqa: E402
 
-from custom.engines.checkpoints import load_checkpoint, load_state_dict_checked, save_stage1  # noqa: E402
+from custom.checkpoints import load_checkpoint, load_state_dict_checked, save_stage1  # noqa: E402
 from custom.errors import MammoInputError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -251,7 +251,7 @@ def test_datalist_batch_mode_writes_every_case_and_reports_skips(models, prepare
 def test_monai_label_keys_generate_from_a_label_map(models, prepared_dir, tmp_path):
     from monai.bundle import ConfigParser
 
-    from custom.engines.checkpoints import load_checkpoint
+    from custom.checkpoints import load_checkpoint
 
     p = ConfigParser()
     p.read_config(CONFIG_LIST)
@@ -327,7 +327,7 @@ def test_inference_builds_the_trained_network_from_the_checkpoint_record(models)
     the same sampler."""
     from monai.bundle import ConfigParser
 
-    from custom.engines.checkpoints import load_checkpoint
+    from custom.checkpoints import load_checkpoint
     from custom.workflows.bundle import BundleModel
 
     train = ConfigParser()

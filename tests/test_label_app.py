@@ -160,7 +160,7 @@ def _tiny_model(folder: Path) -> None:
     import torch
     from monai.bundle import ConfigParser
 
-    from custom.engines.checkpoints import save_checkpoint, save_stage1
+    from custom.checkpoints import save_checkpoint, save_stage1
 
     parser = ConfigParser()
     parser.read_config([str(REPO / f) for f in TINY_CONFIGS])

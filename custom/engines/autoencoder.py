@@ -18,7 +18,7 @@ handler wired in ``bundle/configs/train_autoencoder.json``; this module adds the
 * :class:`ReconstructionGridHandler` - PNG grid (input | reconstruction) of fixed validation images + TensorBoard;
 * :class:`LossCurveRecorder` - ``loss_curve.csv`` (iteration, epoch, train loss terms, validation L1);
 * :func:`compute_latent_scale_factor` / :func:`finalise_stage1` - ``1 / std`` of the training latents and the
-  stage-1 deliverable ``models/autoencoder.pt`` (:func:`custom.engines.checkpoints.save_stage1`).
+  stage-1 deliverable ``models/autoencoder.pt`` (:func:`custom.checkpoints.save_stage1`).
 """
 
 from __future__ import annotations
@@ -752,13 +752,13 @@ def finalise_stage1(
     model_config: str | None = None,
 ) -> float | None:
     """After training: compute the latent scale factor over ``data_loader`` (the training set) and write the
-    stage-1 file ``output_path`` with :func:`custom.engines.checkpoints.save_stage1`.
+    stage-1 file ``output_path`` with :func:`custom.checkpoints.save_stage1`.
 
     Under ``torch.distributed`` only rank 0 computes and writes; the other ranks wait at a barrier and get ``None``.
     ``model_config`` (JSON record of the model keys) is stored in the file for later stages to check.
     With ``summary_dir`` a ``stage1_summary.json`` (scale factor, latent kind, latent shape) is written there too.
     """
-    from custom.engines.checkpoints import save_stage1
+    from custom.checkpoints import save_stage1
     from custom.io import atomic_write_json
 
     distributed = dist.is_available() and dist.is_initialized()

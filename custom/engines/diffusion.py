@@ -39,7 +39,7 @@ from monai.inferers import Inferer
 from monai.transforms import MapTransform
 from torch import nn
 
-from custom.engines.checkpoints import load_checkpoint, load_stage1, save_checkpoint
+from custom.checkpoints import load_checkpoint, load_stage1, save_checkpoint
 from custom.errors import MammoInputError
 from custom.networks.conditioning import cfg_dropout_masks
 

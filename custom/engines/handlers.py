@@ -27,7 +27,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys
 from torch import nn
 
-from custom.engines.checkpoints import save_checkpoint
+from custom.checkpoints import save_checkpoint
 from custom.io import atomic_path, atomic_write_json
 
 __all__ = ["EMA", "StopOnNonFiniteLoss", "LossProgressBar", "SampleGridHandler", "LossCSVWriter", "ModelExport", "loss_output", "unwrap", "soft_mask_rgb"]

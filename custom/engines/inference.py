@@ -730,7 +730,7 @@ class GCDMSamplingInferer(Inferer):
 class GCDMCheckpointLoader(CheckpointLoader):
     """MONAI ``CheckpointLoader`` (``torch.load(weights_only=True)``) for the stage-2 model file, whose problems read
     as one sentence: a missing file says to train stage 2, a corrupt file says so, weights of another configuration
-    list the first shape mismatch (:func:`custom.engines.checkpoints.load_state_dict_checked`).
+    list the first shape mismatch (:func:`custom.checkpoints.load_state_dict_checked`).
 
     ``load_dict={"model": network}`` loads ``model.pt["model"]``: the EMA weights written by training."""
 
@@ -741,7 +741,7 @@ class GCDMCheckpointLoader(CheckpointLoader):
         self.what = what
 
     def __call__(self, engine: Engine) -> None:
-        from custom.engines.checkpoints import load_checkpoint, load_state_dict_checked
+        from custom.checkpoints import load_checkpoint, load_state_dict_checked
 
         path = Path(self.load_path)
         if not path.is_file():

@@ -1,4 +1,4 @@
-"""Loading DICOM MG files with MONAI's ``LoadImage`` restricted to :class:`~custom.data.dicom.MammoDicomReader`.
+"""Loading DICOM MG files with MONAI's ``LoadImage`` restricted to :class:`~custom.dicom.MammoDicomReader`.
 
 ``LoadImage(reader=...)`` falls back on every other registered reader when the given one fails, and then reports
 only that no reader could load the file. These transforms pass the reader at call time instead, so a bad file's
@@ -14,14 +14,14 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform, Transform
 
-from custom.data.dicom import MammoDicomReader
+from custom.dicom import MammoDicomReader
 
 __all__ = ["LoadMammogram", "LoadMammogramd"]
 
 
 class LoadMammogram(Transform):
     """Path -> ``MetaTensor`` of stored values, ``(1, H, W)`` with ``ensure_channel_first`` (default) else ``(H, W)``;
-    metadata as documented in :class:`~custom.data.dicom.MammoDicomReader`."""
+    metadata as documented in :class:`~custom.dicom.MammoDicomReader`."""
 
     def __init__(self, ensure_channel_first: bool = True, require_mammography: bool = True):
         self.reader = MammoDicomReader(require_mammography=require_mammography)

@@ -35,7 +35,7 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
 
-from custom.engines.checkpoints import load_checkpoint, load_state_dict_checked
+from custom.checkpoints import load_checkpoint, load_state_dict_checked
 from custom.errors import MammoInputError
 
 __all__ = ["COMMON_CONFIG", "current_workflow", "bundle_root", "workflow_options", "model_record", "check_record", "check_stage1",
