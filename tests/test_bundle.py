@@ -107,7 +107,7 @@ def test_a_zipped_bundle_loads_the_network_its_own_configs_describe(models, tmp_
     assert any("does not match the configured network" in m and "shape mismatch" in m for m in chain)
 
 
-def test_check_properties_pass_for_inference_and_stage2_training(models, prepared_dir, tmp_path):
+def test_check_properties_pass_for_inference_and_both_training_stages(models, prepared_dir, tmp_path):
     from monai.bundle import ConfigWorkflow
 
     prepared = Path(prepared_dir)
@@ -121,6 +121,12 @@ def test_check_properties_pass_for_inference_and_stage2_training(models, prepare
                         workflow_type="train", logging_file=False, ckpt_dir=str(models), prepared_dir=str(prepared_dir),
                         output_root=str(tmp_path), latent_cache_dir=str(tmp_path / "cache"), cache_workers=0,
                         train_limit=2, val_limit=2, batch_size=2)
+    wf.initialize()
+    assert wf.check_properties() == []
+    wf = ConfigWorkflow(config_file=[str(CONFIGS / "common.json"), str(CONFIGS / "train_autoencoder.json"),
+                                     str(REPO / "tests" / "configs" / "inf_tiny.json")],
+                        workflow_type="train", logging_file=False, ckpt_dir=str(tmp_path / "ae"),
+                        prepared_dir=str(prepared_dir), output_root=str(tmp_path), adversarial_weight=0.0)
     wf.initialize()
     assert wf.check_properties() == []
 

@@ -510,7 +510,7 @@ def test_nan_loss_stops_before_the_update(env, tmp_path):
     with pytest.raises(Exception) as info:
         p.get_parsed_content("training")
     err = str(_find(info.value, FloatingPointError))
-    assert "loss is nan at iteration 1" in err
+    assert "non-finite training loss at iteration 1" in err and "loss=nan" in err
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # nothing applied
     assert not (tmp_path / "models" / "model.pt").exists()
 

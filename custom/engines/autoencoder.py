@@ -41,11 +41,12 @@ from ignite.engine import Engine, Events
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents, PrepareBatch, default_metric_cmp_fn
 from monai.handlers import CheckpointLoader, CheckpointSaver
-from monai.inferers import Inferer
+from monai.inferers import Inferer, SimpleInferer
 from monai.losses import PatchAdversarialLoss
 from monai.utils import AdversarialIterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
+from custom.engines.handlers import LOSS_KEYS, NonFiniteLossError, NonFiniteLossHandler, is_main_process, unwrap
 from custom.io import atomic_write
 from custom.losses import kl_loss
 
@@ -58,7 +59,6 @@ __all__ = [
     "LossCurveRecorder",
     "NonFiniteLossError",
     "NonFiniteLossHandler",
-    "ProgressBarHandler",
     "ReconstructionGridHandler",
     "ReconstructionInferer",
     "ResumeCheckpointLoader",
@@ -72,23 +72,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Scalar loss terms an :class:`AutoencoderTrainer` iteration puts into ``engine.state.output`` (when active).
-LOSS_KEYS = ("loss", "recon_loss", "kl_loss", "perceptual_loss", "g_adv_loss", "d_loss")
-
-
-def unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    """The module inside ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(network, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-            network = network.module
-        elif hasattr(network, "_orig_mod"):
-            network = network._orig_mod
-        else:
-            return network
-
-
-def is_main_process() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def handlers_for_rank(handlers: Sequence | None) -> list:
@@ -162,10 +145,6 @@ class ReconstructionInferer(Inferer):
         return unwrap(network).reconstruct(inputs)
 
 
-class NonFiniteLossError(FloatingPointError):
-    """A training loss became NaN or infinite; the message names the iteration, epoch and the loss terms."""
-
-
 class AutoencoderTrainer(Trainer):
     """AutoencoderKL trainer: L1 + KL (+ perceptual) (+ patch-adversarial after a warm-up), see the module docstring.
 
@@ -193,6 +172,8 @@ class AutoencoderTrainer(Trainer):
         accumulation_steps: optimiser step every N iterations (and at the end of each epoch); losses are divided
             by N before ``backward``, the logged values are not.
         optim_set_to_none: ``zero_grad(set_to_none=...)``.
+        inferer: runs the autoencoder, ``inferer(images, network) -> (reconstruction, z_mu, z_sigma)`` (default
+            ``SimpleInferer``: ``network(images)``); the bundle's ``train#inferer``.
     """
 
     def __init__(
@@ -229,6 +210,7 @@ class AutoencoderTrainer(Trainer):
         compile: bool = False,
         compile_kwargs: dict | None = None,
         accumulation_steps: int = 1,
+        inferer: Inferer | None = None,
     ) -> None:
         if int(accumulation_steps) < 1:
             raise ValueError(f"accumulation_steps must be a positive integer, got {accumulation_steps!r}")
@@ -262,6 +244,7 @@ class AutoencoderTrainer(Trainer):
         )
         self.network = network
         self.forward_network = torch.compile(network, **(compile_kwargs or {})) if compile else network
+        self.inferer = inferer or SimpleInferer()
         self.compile = compile
         self.optimizer = optimizer
         if isinstance(recon_loss, str):
@@ -347,7 +330,7 @@ class AutoencoderTrainer(Trainer):
         if zero_grad:
             engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         with engine._autocast():
-            recon, z_mu, z_sigma = engine.forward_network(images)
+            recon, z_mu, z_sigma = engine.inferer(images, engine.forward_network)
         engine.state.output = {Keys.IMAGE: images, Keys.LABEL: targets, Keys.PRED: recon.detach()}
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
 
@@ -405,38 +388,6 @@ class AutoencoderTrainer(Trainer):
 
 
 # ---------------------------------------------------------------------------------------------------- handlers
-class NonFiniteLossHandler:
-    """Stop training with :class:`NonFiniteLossError` when a loss term is NaN/inf - checked right after the losses
-    are computed (``IterationEvents.LOSS_COMPLETED`` and the discriminator's loss event), i.e. before the optimiser
-    step, so the weights (and a checkpoint written on the exception) are still finite.
-
-    Args:
-        loss_keys: output entries to check (default :data:`LOSS_KEYS`).
-    """
-
-    def __init__(self, loss_keys: Sequence[str] = LOSS_KEYS):
-        self.loss_keys = tuple(loss_keys)
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self)
-        if AdversarialIterationEvents.DISCRIMINATOR_LOSS_COMPLETED in engine._allowed_events:
-            engine.add_event_handler(AdversarialIterationEvents.DISCRIMINATOR_LOSS_COMPLETED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        out = engine.state.output
-        if not isinstance(out, Mapping):
-            return
-        values = {k: float(out[k].detach() if isinstance(out[k], torch.Tensor) else out[k])
-                  for k in self.loss_keys if k in out and out[k] is not None}
-        bad = [k for k, v in values.items() if not math.isfinite(v)]
-        if bad:
-            detail = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
-            raise NonFiniteLossError(
-                f"non-finite training loss at iteration {engine.state.iteration} (epoch {engine.state.epoch}): "
-                f"{', '.join(bad)} ({detail}); training stopped before the optimiser step. Check the input images "
-                "for NaN/inf, lower the learning rate, or disable amp.")
-
-
 class EpochSeedHandler:
     """Reseed python/numpy/torch (CPU and CUDA) at every ``EPOCH_STARTED`` with ``seed + 1000 * epoch + rank``
     (RNGs only; cuDNN flags are left as they are).
@@ -518,20 +469,6 @@ class ResumeCheckpointLoader(CheckpointLoader):
             raise MammoInputError(self.load_path, "resume checkpoint not found (resume: true needs the training-state "
                                                   "file of an earlier run, config key resume_checkpoint)")
         super().__call__(engine)
-
-
-class ProgressBarHandler:
-    """ignite ``ProgressBar`` as a MONAI-style handler (``attach(engine)``) showing the loss terms."""
-
-    def __init__(self, persist: bool = False, output_transform: Callable | None = loss_terms, enabled: bool = True):
-        self.persist, self.output_transform, self.enabled = persist, output_transform, enabled
-
-    def attach(self, engine: Engine) -> None:
-        if not self.enabled:
-            return
-        from ignite.handlers import ProgressBar
-
-        ProgressBar(persist=self.persist).attach(engine, output_transform=self.output_transform)
 
 
 def _to_uint8(img: torch.Tensor | np.ndarray) -> np.ndarray:

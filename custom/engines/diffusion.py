@@ -40,6 +40,7 @@ from monai.transforms import MapTransform
 from torch import nn
 
 from custom.checkpoints import load_checkpoint, load_stage1, save_checkpoint
+from custom.engines.handlers import is_main_process
 from custom.errors import MammoInputError
 from custom.networks.conditioning import cfg_dropout_masks
 
@@ -72,12 +73,6 @@ def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def _is_rank0() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _barrier() -> None:
@@ -244,7 +239,7 @@ class LatentCache:
         """Encode and store every case of ``data`` not cached yet (``transform`` loads image + soft mask).
         Rank 0 encodes first under DDP, the other ranks wait. Returns the number of cases encoded here."""
         before = self.encoded
-        if not _is_rank0():
+        if not is_main_process():
             _barrier()
         else:
             missing = [d for d in data if not self.path(d["case_id"]).is_file()]
