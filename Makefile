@@ -29,7 +29,8 @@ SYN_IMAGES ?= 120
 SYN_DDIM_STEPS ?= 20
 SYN_NPROC ?= 1
 BUNDLE := $(BIN)/python -m monai.bundle
-STAGE2_CONFIGS := "['bundle/configs/train_autoencoder.json','bundle/configs/train_diffusion.json']"
+STAGE1_CONFIGS := "['bundle/configs/common.json','bundle/configs/train_autoencoder.json']"
+STAGE2_CONFIGS := "['bundle/configs/common.json','bundle/configs/train_diffusion.json']"
 
 LABEL_VENV ?= .venv-label
 LABEL_BIN := $(LABEL_VENV)/bin
@@ -84,10 +85,10 @@ prepare: env $(if $(filter $(PHANTOM_DIR),$(DATASET_DIR)),phantom)
 		--dataset_dir $(DATASET_DIR) --output_dir $(PREPARED_DIR)
 
 train-autoencoder: prepare
-	$(BUNDLE) run training --config_file bundle/configs/train_autoencoder.json --prepared_dir $(PREPARED_DIR)
+	$(BUNDLE) run training --config_file $(STAGE1_CONFIGS) --prepared_dir $(PREPARED_DIR) --output_root $(RUNS_DIR)
 
 train-diffusion: env
-	$(BUNDLE) run training --config_file $(STAGE2_CONFIGS) --prepared_dir $(PREPARED_DIR)
+	$(BUNDLE) run training --config_file $(STAGE2_CONFIGS) --prepared_dir $(PREPARED_DIR) --output_root $(RUNS_DIR)
 
 train-segmenter: env
 	$(BUNDLE) run training --config_file bundle/configs/train_segmenter.json --prepared_dir $(PREPARED_DIR)

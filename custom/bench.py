@@ -116,7 +116,7 @@ def _parse(files: list[str], **overrides):
 def unet_shapes(name: str, tiny: bool = False) -> dict[str, Any]:
     """The UNet configuration of the ``default`` or ``paper`` bundle config: MONAI kwargs, the diffusers
     equivalent and the context length."""
-    files = ["train_autoencoder.json", "train_diffusion.json"] + (["paper.json"] if name == "paper" else [])
+    files = ["common.json", "train_diffusion.json"] + (["paper.json"] if name == "paper" else [])
     p = _parse(files)
     unet = dict(p.get_parsed_content("unet_kwargs"))
     in_c = int(p.get_parsed_content("latent_channels")) + int(p.get_parsed_content("mask_latent_channels"))
@@ -225,8 +225,9 @@ def bench_peers(name: str, repeats: int, peak: float, tiny: bool = False, latent
 def _gcdm_network(name: str, tiny: bool, use_flash_attention: bool = True):
     import torch
 
-    files = ["train_autoencoder.json", "train_diffusion.json"] + (["paper.json"] if name == "paper" else [])
-    overrides = {"use_flash_attention": use_flash_attention}
+    files = ["common.json", "train_diffusion.json"] + (["paper.json"] if name == "paper" else [])
+    # the network's shapes only: random weights, no Stable Diffusion file (paper.json's network_def loads one)
+    overrides = {"use_flash_attention": use_flash_attention, "network_def": "@diffusion_def"}
     if tiny:
         overrides.update({"cross_attention_dim": 16, "image_size": 32,
                           "unet_kwargs": {"channels": [8, 16, 16], "attention_levels": [False, True, True],

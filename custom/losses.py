@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from custom.checkpoints import load_state_dict_checked, save_checkpoint
 from custom.errors import MammoInputError
 
 __all__ = ["FeatureNet", "LocalPerceptualLoss", "kl_loss", "load_feature_network", "save_feature_network"]
@@ -76,7 +77,6 @@ class FeatureNet(nn.Module):
 
 def save_feature_network(path: str | os.PathLike, network: FeatureNet) -> Path:
     """Write ``network`` (a :class:`FeatureNet`) to ``path`` in the format :func:`load_feature_network` reads."""
-    from custom.engines.checkpoints import save_checkpoint
 
     if not isinstance(network, FeatureNet):
         raise TypeError(f"save_feature_network writes FeatureNet instances; for other networks use torch.jit.save "
@@ -130,7 +130,6 @@ def load_feature_network(path: str | os.PathLike | None, map_location: str | tor
         net = FeatureNet(**obj["config"])
     except (TypeError, ValueError) as err:
         raise MammoInputError(path, f"invalid feature network configuration {obj['config']!r} ({err})") from err
-    from custom.engines.checkpoints import load_state_dict_checked
 
     load_state_dict_checked(net, obj["state_dict"], path, "perceptual feature network")
     return net

@@ -37,6 +37,7 @@ def prepared_dir(phantom_dir, tmp_path_factory) -> Path:
 
 
 INFERENCE_TINY_CONFIG = REPO / "tests" / "configs" / "inf_tiny.json"
+COMMON_CONFIG = BUNDLE / "configs" / "common.json"
 
 
 def build_tiny_models(prepared: Path, root: Path, segmenter: bool = False) -> Path:
@@ -48,9 +49,10 @@ def build_tiny_models(prepared: Path, root: Path, segmenter: bool = False) -> Pa
     common = dict(meta_file=str(BUNDLE / "configs" / "metadata.json"), logging_file=False, prepared_dir=str(prepared),
                   ckpt_dir=str(models))
     if not (root / "STAGES_READY").is_file():
-        run("training", config_file=[str(BUNDLE / "configs" / "train_autoencoder.json"), str(INFERENCE_TINY_CONFIG)], log_dir=str(root / "ae"),
-            max_epochs=1, batch_size=4, checkpoint_interval=0, num_grid_images=2, **common)
-        run("training", config_file=[str(BUNDLE / "configs" / "train_autoencoder.json"), str(BUNDLE / "configs" / "train_diffusion.json"), str(INFERENCE_TINY_CONFIG)],
+        run("training", config_file=[str(COMMON_CONFIG), str(BUNDLE / "configs" / "train_autoencoder.json"), str(INFERENCE_TINY_CONFIG)], log_dir=str(root / "ae"),
+            max_epochs=1, batch_size=4, checkpoint_interval=0, num_grid_images=2, discriminator_channels=8,
+            discriminator_layers=2, adversarial_weight=0.0, amp=False, **common)
+        run("training", config_file=[str(COMMON_CONFIG), str(BUNDLE / "configs" / "train_diffusion.json"), str(INFERENCE_TINY_CONFIG)],
             dm_output_dir=str(root / "dm"), latent_cache_dir=str(root / "cache"), train_limit=2, val_limit=2, batch_size=2,
             max_epochs=1, warmup_steps=1, val_interval=1, save_interval=1, sample_interval=0, num_sample_cases=2,
             sample_ddim_steps=2, cache_workers=0, **common)

@@ -30,12 +30,13 @@ from custom.engines.autoencoder import (
     NonFiniteLossHandler,
     compute_latent_scale_factor,
 )
-from custom.engines.checkpoints import load_checkpoint, load_stage1
+from custom.checkpoints import load_checkpoint, load_stage1
 from custom.errors import MammoInputError
 from custom.losses import FeatureNet, LocalPerceptualLoss, kl_loss, load_feature_network, save_feature_network
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
+COMMON = CONFIGS / "common.json"
 BASE = CONFIGS / "train_autoencoder.json"
 MULTI_GPU = CONFIGS / "multi_gpu_train_autoencoder.json"
 TINY = REPO / "tests" / "configs" / "ae_tiny.json"
@@ -78,7 +79,7 @@ def _tiny_parser(prepared: Path, **overrides):
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config([str(BASE), str(TINY)])
+    parser.read_config([str(COMMON), str(BASE), str(TINY)])
     parser.update({"prepared_dir": str(prepared), "device": "$torch.device('cpu')", **overrides})
     parser.parse()
     return parser
@@ -89,7 +90,7 @@ def _bundle_run(prepared: Path, out: Path, **overrides) -> None:
     from monai.bundle import run
 
     run(
-        "training", config_file=[str(BASE), str(TINY)], meta_file=str(CONFIGS / "metadata.json"), logging_file=False,
+        "training", config_file=[str(COMMON), str(BASE), str(TINY)], meta_file=str(CONFIGS / "metadata.json"), logging_file=False,
         prepared_dir=str(prepared), ckpt_dir=str(out / "models"), log_dir=str(out / "logs"),
         device="$torch.device('cpu')", **overrides,
     )
@@ -128,18 +129,18 @@ def _read_csv(path: Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- config
-def test_config_defines_the_keys_stage2_reuses():
+def test_common_config_defines_the_keys_both_stages_use():
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(str(BASE))
+    parser.read_config([str(COMMON), str(BASE)])
     parser.update({"device": "$torch.device('cpu')"})
     parser.parse()
     got = {k: parser.get_parsed_content(k) for k in (
         "bundle_root", "prepared_dir", "ckpt_dir", "device", "image_size", "sigma", "max_lesions", "latent_channels",
         "stage1_checkpoint", "latent_size")}
-    assert got["bundle_root"] == "bundle" and got["prepared_dir"] == "data/prepared"
-    assert got["ckpt_dir"] == "bundle/models" and got["stage1_checkpoint"] == "bundle/models/autoencoder.pt"
+    assert got["bundle_root"] == "." and got["prepared_dir"] == "data/prepared"  # "." outside a ConfigWorkflow
+    assert got["ckpt_dir"] == "./models" and got["stage1_checkpoint"] == "./models/autoencoder.pt"
     assert got["sigma"] == 1.5 and got["max_lesions"] == 2
     ae = parser.get_parsed_content("autoencoder_def")
     assert isinstance(ae, AutoencoderKL) and ae.latent_channels == got["latent_channels"]
@@ -152,7 +153,7 @@ def test_config_defines_the_keys_stage2_reuses():
 # ---------------------------------------------------------------------------------------------- the real CLI
 def test_cli_training_writes_stage1_checkpoint_grid_and_curve(ae_prepared, tmp_path):
     ckpt, logs = tmp_path / "models", tmp_path / "logs"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", _config_list(BASE, TINY),
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", _config_list(COMMON, BASE, TINY),
            "--prepared_dir", str(ae_prepared), "--ckpt_dir", str(ckpt), "--log_dir", str(logs),
            "--max_epochs", "2", "--mask_training_prob", "0.25"]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
@@ -447,7 +448,7 @@ def test_perceptual_loss_through_the_trainer(tmp_path):
 def test_two_process_ddp_run_on_gloo(ae_prepared, tmp_path):
     ckpt, logs = tmp_path / "models", tmp_path / "logs"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "monai.bundle", "run", "training", "--config_file", _config_list(BASE, MULTI_GPU, TINY),
+           "-m", "monai.bundle", "run", "training", "--config_file", _config_list(COMMON, BASE, MULTI_GPU, TINY),
            "--prepared_dir", str(ae_prepared), "--ckpt_dir", str(ckpt), "--log_dir", str(logs),
            "--batch_size", "2", "--max_epochs", "1", "--dist_backend", "gloo"]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)

@@ -131,7 +131,7 @@ def _tiny_encoder(tmp: Path):
     import torch
     from monai.networks.nets import AutoencoderKL
 
-    from custom.engines.checkpoints import save_stage1
+    from custom.checkpoints import save_stage1
     from custom.engines.diffusion import FrozenLatentEncoder
 
     def net():
@@ -236,7 +236,7 @@ def test_non_mass_findings_are_excluded_by_default_and_counted(mini_vindr, mini_
 # ---------------------------------------------------------------------------------------------------- item 5
 def _corruptions(path: Path) -> dict:
     """Ways a checkpoint file gets damaged (each applied to a fresh copy)."""
-    from custom.engines.checkpoints import checksum_path
+    from custom.checkpoints import checksum_path
 
     def flip(p):
         b = bytearray(p.read_bytes())
@@ -245,7 +245,7 @@ def _corruptions(path: Path) -> dict:
         p.write_bytes(bytes(b))
 
     def garbage_with_checksum(p):
-        from custom.engines.checkpoints import write_checksum
+        from custom.checkpoints import write_checksum
 
         p.write_bytes(b"PK\x03\x04 not really a zip archive" * 10)
         write_checksum(p)
@@ -270,7 +270,7 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file(tiny_models, tmp_path):
     from ignite.engine import Engine
 
     from custom.engines.autoencoder import ResumeCheckpointLoader
-    from custom.engines.checkpoints import checksum_path, load_checkpoint, load_stage1, verify_checkpoint
+    from custom.checkpoints import checksum_path, load_checkpoint, load_stage1, verify_checkpoint
     from custom.engines.diffusion import resume_checkpoint
 
     dm = tiny_models.parent / "dm" / "checkpoints"
@@ -341,7 +341,7 @@ def test_checkpoints_keep_n_saved_across_resumes_and_follow_the_umask(tmp_path):
     from ignite.engine import Engine, Events
 
     from custom.engines.autoencoder import AtomicCheckpointSaver
-    from custom.engines.checkpoints import checksum_path, verify_checkpoint
+    from custom.checkpoints import checksum_path, verify_checkpoint
 
     net = torch.nn.Linear(2, 2)
 

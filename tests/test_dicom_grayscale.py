@@ -9,7 +9,7 @@ from monai.transforms import LoadImage
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
-from custom.data.dicom import MammoDicomReader
+from custom.dicom import MammoDicomReader
 from custom.errors import MammoInputError
 from custom.transforms.loading import LoadMammogram, LoadMammogramd
 from custom.transforms.intensity import DicomGrayscale, DicomGrayscaled, apply_dicom_grayscale

@@ -25,16 +25,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from ignite.engine import Events  # noqa: E402
 from monai.bundle import ConfigParser  # noqa: E402
 
-from custom.engines.checkpoints import load_checkpoint, load_state_dict_checked, save_stage1  # noqa: E402
+from custom.checkpoints import load_checkpoint, load_state_dict_checked, save_stage1  # noqa: E402
 from custom.errors import MammoInputError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
-STAGE1_CONFIG = CONFIGS / "train_autoencoder.json"
+COMMON_CONFIG = CONFIGS / "common.json"
 DM_CONFIG = CONFIGS / "train_diffusion.json"
 MULTI_CONFIG = CONFIGS / "multi_gpu_train_diffusion.json"
 TINY = REPO / "tests" / "configs" / "dm_tiny.json"
-FILES = [str(STAGE1_CONFIG), str(DM_CONFIG), str(TINY)]
+FILES = [str(COMMON_CONFIG), str(DM_CONFIG), str(TINY)]
 
 
 def _cause_chain(err: BaseException) -> list[BaseException]:
@@ -510,7 +510,7 @@ def test_nan_loss_stops_before_the_update(env, tmp_path):
     with pytest.raises(Exception) as info:
         p.get_parsed_content("training")
     err = str(_find(info.value, FloatingPointError))
-    assert "loss is nan at iteration 1" in err
+    assert "non-finite training loss at iteration 1" in err and "loss=nan" in err
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # nothing applied
     assert not (tmp_path / "models" / "model.pt").exists()
 

@@ -153,7 +153,7 @@ def test_conditioning_mode_ablation_needs_a_model_trained_with_it(models, prepar
     with pytest.raises(Exception) as info:
         _run(models, prepared_dir, tmp_path / "results", conditioning_mode="concat")
     msg = describe_error(info.value)
-    assert msg is not None and "diffusion_info.json" in msg and "conditioning_mode='gated'" in msg and "--ckpt_dir" in msg
+    assert msg is not None and "model.pt" in msg and "conditioning_mode='gated'" in msg and "--ckpt_dir" in msg
     assert not (tmp_path / "results").exists()
 
 
@@ -168,12 +168,16 @@ def test_missing_segmenter_is_named_before_generating(models, prepared_dir, tmp_
 
 # ------------------------------------------------------------------------------------------------ pieces
 def test_evaluate_and_inference_take_the_same_model_definition():
+    """Both rebuild the model with the same BundleModel (common.json + the checkpoint record); only evaluation may
+    change sigma (an ablation) and it samples with fewer DDIM steps."""
     inference = json.loads((CONFIGS / "inference.json").read_text())
     evaluate = json.loads(EVALUATE.read_text())
-    macros = {k: v for k, v in inference.items() if isinstance(v, str) and v.startswith("%")}
-    assert {"network_def", "autoencoder_def", "latent_encoder", "sampling_scheduler", "sigma", "conditioning_mode"} <= set(macros)
-    assert {k: evaluate[k] for k in macros if k != "ddim_steps"} == {k: v for k, v in macros.items() if k != "ddim_steps"}
-    assert evaluate["ddim_steps"] == 25  # fewer steps than inference, recorded in metrics.json
+    assert not [v for cfg in (inference, evaluate) for v in cfg.values() if isinstance(v, str) and v.startswith("%")]
+    assert {k: v for k, v in inference["model"].items() if k != "may_differ"} == \
+        {k: v for k, v in evaluate["model"].items() if k != "may_differ"}
+    assert inference["model"]["may_differ"] == [] and evaluate["model"]["may_differ"] == ["sigma"]
+    assert inference["network_def"] == evaluate["network_def"] == "$@model.network"
+    assert evaluate["ddim_steps"] == 25 and inference["ddim_steps"] == 50  # recorded in metrics.json
 
 
 def test_lesion_rois_run_labels_and_phantom_detection(prepared_dir, tmp_path):

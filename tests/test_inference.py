@@ -194,6 +194,7 @@ def test_keep_the_rest_changes_only_the_dilated_lesion_region(keep_run, models, 
 
     p = ConfigParser()
     p.read_config(CONFIG_LIST)
+    p.update({"bundle_root": str(CONFIGS.parent), "ckpt_dir": str(models)})
     a = keep_run["args"]
     cases = build_inference_cases(
         image_size=32, normaliser_file=str(Path(prepared_dir) / "feature_normalisation.json"), max_lesions=2,
@@ -252,14 +253,14 @@ def test_datalist_batch_mode_writes_every_case_and_reports_skips(models, prepare
 def test_monai_label_keys_generate_from_a_label_map(models, prepared_dir, tmp_path):
     from monai.bundle import ConfigParser
 
-    from custom.engines.checkpoints import load_checkpoint
+    from custom.checkpoints import load_checkpoint
 
     p = ConfigParser()
     p.read_config(CONFIG_LIST)
-    p.update({"ckpt_dir": str(models), "ddim_steps": STEPS})
+    p.update({"bundle_root": str(CONFIGS.parent), "ckpt_dir": str(models), "ddim_steps": STEPS})
     network = p.get_parsed_content("network_def")
     ckpt = load_checkpoint(models / "model.pt")
-    network.load_state_dict(ckpt.get("model", ckpt))
+    network.load_state_dict(ckpt.get("model", ckpt))  # MONAI Label's loader: the same weights, strict
     label = np.zeros((32, 32), dtype=np.uint8)
     label[4:28, :18] = 1
     Image.fromarray(label).save(tmp_path / "breast.png")
@@ -275,12 +276,19 @@ def test_monai_label_keys_generate_from_a_label_map(models, prepared_dir, tmp_pa
 
 
 # ------------------------------------------------------------------------------------------------ bad input
-def test_checkpoint_of_another_configuration_is_named(models, prepared_dir, case, tmp_path):
+def test_a_model_key_that_differs_from_the_checkpoint_record_is_named(models, prepared_dir, case, tmp_path):
     out = tmp_path / "out"
     msg = _error(lambda: _run(models, prepared_dir, mask_file=str(case["label"]), feature_file=str(case["features"]),
                               cross_attention_dim=8, output_dir=str(out)))
-    assert str(models / "model.pt") in msg and "does not match the configured network" in msg and "shape mismatch" in msg
+    assert str(models / "model.pt") in msg and "trained with cross_attention_dim=16" in msg and "--ckpt_dir" in msg
     assert not out.exists()
+
+
+def test_an_unknown_option_is_rejected_not_ignored(models, prepared_dir, case, tmp_path):
+    msg = _error(lambda: _run(models, prepared_dir, mask_file=str(case["label"]), feature_file=str(case["features"]),
+                              accumulation_steps=4, output_dir=str(tmp_path / "out")))
+    assert "--accumulation_steps" in msg and "not an option of inference.json" in msg
+    assert not (tmp_path / "out").exists()
 
 
 def test_corrupt_checkpoint_is_named(models, prepared_dir, case, tmp_path):
@@ -315,23 +323,29 @@ def test_conflicting_inputs_are_refused(models, prepared_dir, case, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_model_definition_comes_from_the_training_configs():
-    """inference.json builds exactly the networks and sampler the training configs define (MONAI '%' macros): when
-    a training config gains a key these definitions reference, add its '%' line to inference.json and evaluate.json."""
+def test_inference_builds_the_trained_network_from_the_checkpoint_record(models):
+    """Training records the model keys in model.pt; inference rebuilds the network from configs/common.json + that
+    record (no training config, no scale file) and loads the weights strictly: the same parameters, bit for bit, and
+    the same sampler."""
     from monai.bundle import ConfigParser
 
+    from custom.checkpoints import load_checkpoint
+    from custom.workflows.bundle import BundleModel
+
     train = ConfigParser()
-    train.read_config([str(CONFIGS / "train_autoencoder.json"), str(CONFIGS / "train_diffusion.json")])
-    infer = ConfigParser()
-    infer.read_config(str(INFERENCE))
-    for key in ("network_def", "autoencoder_def"):
-        a, b = train.get_parsed_content(key), infer.get_parsed_content(key)
-        assert type(a) is type(b)
-        assert {k: tuple(v.shape) for k, v in a.state_dict().items()} == {k: tuple(v.shape) for k, v in b.state_dict().items()}
-    a, b = train.get_parsed_content("sampling_scheduler"), infer.get_parsed_content("sampling_scheduler")
-    assert type(a) is type(b) and a.prediction_type == b.prediction_type and torch.equal(a.alphas_cumprod, b.alphas_cumprod)
-    for key in ("image_size", "sigma", "max_lesions", "conditioning_mode", "guidance_scale", "ddim_steps"):
-        assert infer.get_parsed_content(key) == train.get_parsed_content(key), key
+    train.read_config([str(CONFIGS / "common.json"), str(CONFIGS / "train_diffusion.json"), str(TINY)])
+    model = BundleModel(CONFIGS.parent, models / "model.pt", models / "autoencoder.pt")
+    ckpt = load_checkpoint(models / "model.pt")
+    record = json.loads(ckpt["model_config"])
+    assert record["image_size"] == 32 and record["cross_attention_dim"] == 16 and record["num_train_timesteps"] == 100
+    a = train.get_parsed_content("network_def")
+    assert type(a) is type(model.network)
+    assert {k: tuple(v.shape) for k, v in a.state_dict().items()} == {k: tuple(v.shape) for k, v in model.network.state_dict().items()}
+    assert all(torch.equal(v, ckpt["model"][k]) for k, v in model.network.state_dict().items())
+    s_train, s_inf = train.get_parsed_content("sampling_scheduler"), model.sampling_scheduler
+    assert s_train.prediction_type == s_inf.prediction_type and torch.equal(s_train.alphas_cumprod, s_inf.alphas_cumprod)
+    for key in ("image_size", "sigma", "max_lesions", "conditioning_mode"):
+        assert model[key] == train.get_parsed_content(key), key
 
 
 def test_keep_region_and_paste_weights():

@@ -29,7 +29,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "custom" / "label_app"
-TINY_CONFIGS = ["bundle/configs/inference.json", "tests/configs/ae_tiny.json", "tests/configs/dm_tiny.json"]
+TINY_CONFIGS = ["bundle/configs/inference.json"]  # the model keys come from the checkpoints' record
+MODEL_CONFIGS = ["bundle/configs/common.json", "tests/configs/ae_tiny.json", "tests/configs/dm_tiny.json"]
 MODEL = "mammo_gcdm"
 STARTUP_TIMEOUT = 120
 
@@ -174,19 +175,23 @@ def _tiny_model(folder: Path) -> None:
     import torch
     from monai.bundle import ConfigParser
 
-    from custom.engines.checkpoints import save_checkpoint, save_stage1
+    from custom.checkpoints import save_checkpoint, save_stage1
+    from custom.workflows.bundle import model_record
 
     parser = ConfigParser()
-    parser.read_config([str(REPO / f) for f in TINY_CONFIGS])
+    parser.read_config([str(REPO / f) for f in MODEL_CONFIGS])
     parser["device"] = "$torch.device('cpu')"
     torch.manual_seed(0)
-    save_stage1(folder / "autoencoder.pt", parser.get_parsed_content("autoencoder_def"), scale_factor=0.8)
+    ae_record = parser.get_parsed_content("autoencoder_record")
+    save_stage1(folder / "autoencoder.pt", parser.get_parsed_content("autoencoder_def"), scale_factor=0.8,
+                model_config=model_record(ae_record))
     net = parser.get_parsed_content("network_def")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # MONAI zero-initialises the UNet's output conv: random weights make the output vary
         for q in net.parameters():
             q.add_(torch.randn(q.shape, generator=g) * 0.05)
-    save_checkpoint(folder / "model.pt", {"model": net.state_dict()})
+    save_checkpoint(folder / "model.pt", {"model": net.state_dict(), "model_config": model_record(
+        ae_record, parser.get_parsed_content("diffusion_record"))})
 
 
 class Server:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-from custom.data.dicom import header_from_params
+from custom.dicom import header_from_params
 from custom.transforms.intensity import apply_dicom_grayscale
 from custom.transforms.masks import breast_mask
 
@@ -25,7 +25,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 def large_phantoms():
     """Display images of phantom mammograms at half the real size (2042 x 1664): CC and MLO, both sides, with
     the phantom's artefacts (markers, edge lines) and noisy air."""
-    from custom.data.dicom import grayscale_params
+    from custom.dicom import grayscale_params
     from custom.data.phantom import phantom_image
 
     out = []

@@ -17,7 +17,7 @@ import pytest
 import torch
 from monai.networks.nets import UNet
 
-from custom.engines.checkpoints import load_checkpoint
+from custom.checkpoints import load_checkpoint
 from custom.errors import MammoInputError
 from custom.metrics import FeatureDistance, build_segmenter, load_segmenter, predict_lesion, segmenter_score_on_real
 from custom.metrics.segmenter import lesion_probability, segmenter_score_on_prepared

@@ -327,7 +327,7 @@ def _source_image_info(path: str | os.PathLike) -> dict[str, Any]:
         except Exception as err:
             raise MammoInputError(path, f"unreadable source image ({err})") from None
         return {"shape": (h, w), "laterality": None, "view_position": None}
-    from custom.data.dicom import header_int, laterality_from_header, read_dicom_header
+    from custom.dicom import header_int, laterality_from_header, read_dicom_header
 
     ds = read_dicom_header(path)  # Rows and Columns validated there
     return {

@@ -77,7 +77,7 @@ def load_display_image(path: str | os.PathLike, window_index: int = 0) -> tuple[
     """Load a source image as display values.
 
     DICOM (``.dcm``/``.dicom``/no suffix) goes through :class:`~custom.transforms.LoadMammogram` (MONAI
-    ``LoadImage`` with :class:`~custom.data.dicom.MammoDicomReader`) and :class:`~custom.transforms.DicomGrayscale`; PNG is scaled by
+    ``LoadImage`` with :class:`~custom.dicom.MammoDicomReader`) and :class:`~custom.transforms.DicomGrayscale`; PNG is scaled by
     its dtype maximum. Returns ``(image (H, W) float32 in [0, 1], info)`` with ``info`` keys ``laterality``
     (tag or None), ``view_position``, ``grayscale`` (what the pipeline applied), ``presentation_intent``.
     """

@@ -18,7 +18,7 @@ handler wired in ``bundle/configs/train_autoencoder.json``; this module adds the
 * :class:`ReconstructionGridHandler` - PNG grid (input | reconstruction) of fixed validation images + TensorBoard;
 * :class:`LossCurveRecorder` - ``loss_curve.csv`` (iteration, epoch, train loss terms, validation L1);
 * :func:`compute_latent_scale_factor` / :func:`finalise_stage1` - ``1 / std`` of the training latents and the
-  stage-1 deliverable ``models/autoencoder.pt`` (:func:`custom.engines.checkpoints.save_stage1`).
+  stage-1 deliverable ``models/autoencoder.pt`` (:func:`custom.checkpoints.save_stage1`).
 """
 
 from __future__ import annotations
@@ -44,11 +44,12 @@ from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents, PrepareBatch, default_metric_cmp_fn
 from monai.handlers import CheckpointLoader, CheckpointSaver
-from monai.inferers import Inferer
+from monai.inferers import Inferer, SimpleInferer
 from monai.losses import PatchAdversarialLoss
 from monai.utils import AdversarialIterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
+from custom.engines.handlers import LOSS_KEYS, NonFiniteLossError, NonFiniteLossHandler, is_main_process, unwrap
 from custom.io import atomic_write
 from custom.losses import kl_loss
 
@@ -61,7 +62,6 @@ __all__ = [
     "LossCurveRecorder",
     "NonFiniteLossError",
     "NonFiniteLossHandler",
-    "ProgressBarHandler",
     "ReconstructionGridHandler",
     "ReconstructionInferer",
     "ResumeCheckpointLoader",
@@ -75,23 +75,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Scalar loss terms an :class:`AutoencoderTrainer` iteration puts into ``engine.state.output`` (when active).
-LOSS_KEYS = ("loss", "recon_loss", "kl_loss", "perceptual_loss", "g_adv_loss", "d_loss")
-
-
-def unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    """The module inside ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(network, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-            network = network.module
-        elif hasattr(network, "_orig_mod"):
-            network = network._orig_mod
-        else:
-            return network
-
-
-def is_main_process() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def handlers_for_rank(handlers: Sequence | None) -> list:
@@ -110,7 +93,10 @@ def handlers_for_rank(handlers: Sequence | None) -> list:
 
 
 def loss_terms(output: Any) -> dict[str, float]:
-    """``{name: float}`` of the loss terms in a trainer output (``output_transform`` for Stats/TensorBoard handlers)."""
+    """``{name: float}`` of the loss terms in a trainer output, a dict or its decollated list (the scalars are the same
+    in every item) — the ``output_transform`` for Stats/TensorBoard handlers."""
+    if isinstance(output, list) and output:
+        output = output[0]
     if not isinstance(output, Mapping):
         return {}
     return {k: float(output[k]) for k in LOSS_KEYS if k in output and output[k] is not None}
@@ -162,10 +148,6 @@ class ReconstructionInferer(Inferer):
         return unwrap(network).reconstruct(inputs)
 
 
-class NonFiniteLossError(FloatingPointError):
-    """A training loss became NaN or infinite; the message names the iteration, epoch and the loss terms."""
-
-
 class AutoencoderTrainer(Trainer):
     """AutoencoderKL trainer: L1 + KL (+ perceptual) (+ patch-adversarial after a warm-up), see the module docstring.
 
@@ -193,6 +175,8 @@ class AutoencoderTrainer(Trainer):
         accumulation_steps: optimiser step every N iterations (and at the end of each epoch); losses are divided
             by N before ``backward``, the logged values are not.
         optim_set_to_none: ``zero_grad(set_to_none=...)``.
+        inferer: runs the autoencoder, ``inferer(images, network) -> (reconstruction, z_mu, z_sigma)`` (default
+            ``SimpleInferer``: ``network(images)``); the bundle's ``train#inferer``.
     """
 
     def __init__(
@@ -229,6 +213,7 @@ class AutoencoderTrainer(Trainer):
         compile: bool = False,
         compile_kwargs: dict | None = None,
         accumulation_steps: int = 1,
+        inferer: Inferer | None = None,
     ) -> None:
         if int(accumulation_steps) < 1:
             raise ValueError(f"accumulation_steps must be a positive integer, got {accumulation_steps!r}")
@@ -262,6 +247,7 @@ class AutoencoderTrainer(Trainer):
         )
         self.network = network
         self.forward_network = torch.compile(network, **(compile_kwargs or {})) if compile else network
+        self.inferer = inferer or SimpleInferer()
         self.compile = compile
         self.optimizer = optimizer
         if isinstance(recon_loss, str):
@@ -347,7 +333,7 @@ class AutoencoderTrainer(Trainer):
         if zero_grad:
             engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         with engine._autocast():
-            recon, z_mu, z_sigma = engine.forward_network(images)
+            recon, z_mu, z_sigma = engine.inferer(images, engine.forward_network)
         engine.state.output = {Keys.IMAGE: images, Keys.LABEL: targets, Keys.PRED: recon.detach()}
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
 
@@ -405,38 +391,6 @@ class AutoencoderTrainer(Trainer):
 
 
 # ---------------------------------------------------------------------------------------------------- handlers
-class NonFiniteLossHandler:
-    """Stop training with :class:`NonFiniteLossError` when a loss term is NaN/inf - checked right after the losses
-    are computed (``IterationEvents.LOSS_COMPLETED`` and the discriminator's loss event), i.e. before the optimiser
-    step, so the weights (and a checkpoint written on the exception) are still finite.
-
-    Args:
-        loss_keys: output entries to check (default :data:`LOSS_KEYS`).
-    """
-
-    def __init__(self, loss_keys: Sequence[str] = LOSS_KEYS):
-        self.loss_keys = tuple(loss_keys)
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self)
-        if AdversarialIterationEvents.DISCRIMINATOR_LOSS_COMPLETED in engine._allowed_events:
-            engine.add_event_handler(AdversarialIterationEvents.DISCRIMINATOR_LOSS_COMPLETED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        out = engine.state.output
-        if not isinstance(out, Mapping):
-            return
-        values = {k: float(out[k].detach() if isinstance(out[k], torch.Tensor) else out[k])
-                  for k in self.loss_keys if k in out and out[k] is not None}
-        bad = [k for k, v in values.items() if not math.isfinite(v)]
-        if bad:
-            detail = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
-            raise NonFiniteLossError(
-                f"non-finite training loss at iteration {engine.state.iteration} (epoch {engine.state.epoch}): "
-                f"{', '.join(bad)} ({detail}); training stopped before the optimiser step. Check the input images "
-                "for NaN/inf, lower the learning rate, or disable amp.")
-
-
 class EpochSeedHandler:
     """Reseed python/numpy/torch (CPU and CUDA) at every ``EPOCH_STARTED`` with ``seed + 1000 * epoch + rank``
     (RNGs only; cuDNN flags are left as they are).
@@ -467,7 +421,7 @@ def _with_engine(objects: Mapping, engine: Engine, engine_key: str | None) -> No
 
 class _ChecksumSaveHandler(BaseSaveHandler):
     """Wraps the ignite ``DiskSaver`` of a MONAI ``CheckpointSaver``: after each (atomic) save it writes the
-    checkpoint's ``.sha256`` file (:func:`custom.engines.checkpoints.write_checksum`) with the mode the umask gives,
+    checkpoint's ``.sha256`` file (:func:`custom.checkpoints.write_checksum`) with the mode the umask gives,
     and removes it with the checkpoint."""
 
     def __init__(self, inner: Any) -> None:
@@ -481,7 +435,7 @@ class _ChecksumSaveHandler(BaseSaveHandler):
         return Path(self.inner.dirname) / name
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-        from custom.engines.checkpoints import write_checksum
+        from custom.checkpoints import write_checksum
         from custom.io import chmod_default
 
         self.inner(checkpoint, filename, metadata)
@@ -490,7 +444,7 @@ class _ChecksumSaveHandler(BaseSaveHandler):
         write_checksum(path)
 
     def remove(self, filename: str) -> None:
-        from custom.engines.checkpoints import checksum_path
+        from custom.checkpoints import checksum_path
 
         self.inner.remove(filename)
         checksum_path(self._path(filename)).unlink(missing_ok=True)
@@ -503,7 +457,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
     MONAI constructs its ignite ``DiskSaver`` with ``atomic=False`` (an old permissions concern; ignite >= 0.4.11
     adds group/other read permission after the rename); this subclass switches ``atomic`` on, so an interrupted
     save never leaves a truncated checkpoint, and writes ``<file>.sha256`` after each save so that a damaged file is
-    refused at load (:func:`custom.engines.checkpoints.verify_checkpoint`). ignite's ``Checkpoint`` only counts the
+    refused at load (:func:`custom.checkpoints.verify_checkpoint`). ignite's ``Checkpoint`` only counts the
     files saved by the running process, so a resumed run would keep ``n_saved`` *more* files each time; the
     interval checkpoints already in ``save_dir`` (same prefix) are registered at start, oldest first, so the oldest
     are deleted as usual. ``engine_key`` (default ``"trainer"``) adds the engine it is attached to into the
@@ -568,7 +522,7 @@ class ResumeCheckpointLoader(CheckpointLoader):
         super().attach(engine)
 
     def __call__(self, engine: Engine) -> None:
-        from custom.engines.checkpoints import verify_checkpoint
+        from custom.checkpoints import verify_checkpoint
         from custom.errors import MammoInputError
 
         if not os.path.isfile(self.load_path):
@@ -580,20 +534,6 @@ class ResumeCheckpointLoader(CheckpointLoader):
         except Exception as err:
             raise MammoInputError(self.load_path, f"resume checkpoint does not fit this training "
                                                   f"({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]})") from None
-
-
-class ProgressBarHandler:
-    """ignite ``ProgressBar`` as a MONAI-style handler (``attach(engine)``) showing the loss terms."""
-
-    def __init__(self, persist: bool = False, output_transform: Callable | None = loss_terms, enabled: bool = True):
-        self.persist, self.output_transform, self.enabled = persist, output_transform, enabled
-
-    def attach(self, engine: Engine) -> None:
-        if not self.enabled:
-            return
-        from ignite.handlers import ProgressBar
-
-        ProgressBar(persist=self.persist).attach(engine, output_transform=self.output_transform)
 
 
 def _to_uint8(img: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -811,14 +751,16 @@ def finalise_stage1(
     device: str | torch.device = "cpu",
     latents: str = "z_mu",
     summary_dir: str | os.PathLike | None = None,
+    model_config: str | None = None,
 ) -> float | None:
     """After training: compute the latent scale factor over ``data_loader`` (the training set) and write the
-    stage-1 file ``output_path`` with :func:`custom.engines.checkpoints.save_stage1`.
+    stage-1 file ``output_path`` with :func:`custom.checkpoints.save_stage1`.
 
     Under ``torch.distributed`` only rank 0 computes and writes; the other ranks wait at a barrier and get ``None``.
+    ``model_config`` (JSON record of the model keys) is stored in the file for later stages to check.
     With ``summary_dir`` a ``stage1_summary.json`` (scale factor, latent kind, latent shape) is written there too.
     """
-    from custom.engines.checkpoints import save_stage1
+    from custom.checkpoints import save_stage1
     from custom.io import atomic_write_json
 
     distributed = dist.is_available() and dist.is_initialized()
@@ -826,7 +768,7 @@ def finalise_stage1(
     if is_main_process():
         net = unwrap(autoencoder)
         scale = compute_latent_scale_factor(net, data_loader, device=device, latents=latents)
-        save_stage1(output_path, net, scale)
+        save_stage1(output_path, net, scale, model_config=model_config)
         logger.info("latent scale factor 1/std(%s) = %.6f; stage-1 autoencoder written to %s", latents, scale, output_path)
         if summary_dir is not None:
             atomic_write_json(Path(summary_dir) / "stage1_summary.json",

@@ -41,7 +41,8 @@ from monai.inferers import Inferer
 from monai.transforms import MapTransform
 from torch import nn
 
-from custom.engines.checkpoints import load_checkpoint, load_stage1, save_checkpoint
+from custom.checkpoints import load_checkpoint, load_stage1, save_checkpoint
+from custom.engines.handlers import is_main_process
 from custom.errors import MammoInputError
 from custom.networks.conditioning import cfg_dropout_masks
 
@@ -74,12 +75,6 @@ def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def _is_rank0() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _barrier() -> None:
@@ -296,7 +291,7 @@ class LatentCache:
         before = self.encoded
         for d in data:  # every rank: the content digests from the item files (the loaded items no longer name them)
             self.content_digest(d)
-        if not _is_rank0():
+        if not is_main_process():
             _barrier()
         else:
             missing = [d for d in data if not self.is_current(d)]
@@ -538,10 +533,10 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, pattern: str = "checkpoint*.p
 def resume_checkpoint(ckpt_dir: str | os.PathLike, resume: bool | str | None) -> str | None:
     """Checkpoint to resume from: ``resume`` False/None -> None; True -> :func:`latest_checkpoint` (error when
     there is none); a path -> that file (error when missing). The file is verified against its ``.sha256``
-    (:func:`custom.engines.checkpoints.verify_checkpoint`) before the trainer's ``CheckpointLoader`` reads it."""
+    (:func:`custom.checkpoints.verify_checkpoint`) before the trainer's ``CheckpointLoader`` reads it."""
     if not resume:
         return None
-    from custom.engines.checkpoints import verify_checkpoint
+    from custom.checkpoints import verify_checkpoint
 
     if isinstance(resume, (str, os.PathLike)) and str(resume).lower() not in ("true", "latest"):
         if not Path(resume).is_file():

@@ -17,18 +17,20 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from ignite.engine import Engine, Events
+from ignite.handlers import ProgressBar
 from monai.engines.utils import IterationEvents
-from monai.utils import CommonKeys
+from monai.utils import AdversarialIterationEvents, CommonKeys
 from torch import nn
 
-from custom.engines.checkpoints import save_checkpoint
+from custom.checkpoints import save_checkpoint
 from custom.io import atomic_path, atomic_write, atomic_write_json
 
 __all__ = ["EMA", "StopOnNonFiniteLoss", "LossProgressBar", "SampleGridHandler", "LossCSVWriter", "ModelExport", "loss_output", "unwrap", "soft_mask_rgb"]
@@ -45,6 +47,11 @@ def unwrap(network: nn.Module) -> nn.Module:
             network = network._orig_mod
         else:
             return network
+
+
+def is_main_process() -> bool:
+    """``True`` on rank 0 of a ``torch.distributed`` run, and always without one."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def loss_output(output: Any) -> float | None:
@@ -64,6 +71,10 @@ class EMA:
     The decay warms up as ``d_k = min(decay, (1 + k) / (10 + k))`` (``k`` = update count, derived from the trainer's
     iteration, so a resumed run continues the same schedule); buffers are copied. ``ema_model`` is a frozen deep copy
     of the (unwrapped) network, in eval mode; put it in a checkpoint's ``save_dict`` to save/resume it.
+
+    Why not ``torch.optim.swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn``: it has a constant decay (no
+    warm-up), its first update copies the weights, and its update counter lives in its own state instead of
+    following the trainer's iteration — the averaged weights of the recorded runs would change.
 
     Args:
         network: the online network (DDP / compile wrappers are unwrapped).
@@ -99,40 +110,71 @@ class EMA:
         self.update(engine.state.iteration // self.every - 1)
 
 
-class StopOnNonFiniteLoss:
-    """Stop training with a ``FloatingPointError`` naming the iteration when the loss is NaN or infinite.
+#: Scalar loss terms a trainer iteration puts into ``engine.state.output`` (when active).
+LOSS_KEYS = ("loss", "recon_loss", "kl_loss", "perceptual_loss", "g_adv_loss", "d_loss")
 
-    Checked at ``IterationEvents.LOSS_COMPLETED``, i.e. before the backward pass and the optimiser step, so the
-    weights, the EMA and the last checkpoint stay finite.
+
+class NonFiniteLossError(FloatingPointError):
+    """A training loss term is NaN or infinite."""
+
+
+class NonFiniteLossHandler:
+    """Stop training with :class:`NonFiniteLossError` when a loss term is NaN/inf, checked right after the losses
+    are computed (``IterationEvents.LOSS_COMPLETED``, and the discriminator's loss event when the engine has one),
+    i.e. before the backward pass and the optimiser step: the weights, the EMA and any checkpoint stay finite.
+
+    Why not ignite's ``TerminateOnNan``: it runs at ``ITERATION_COMPLETED`` (after the optimiser step has applied the
+    non-finite update) and ends the run quietly instead of with an error naming the iteration.
+
+    Args:
+        loss_keys: output entries to check (default :data:`LOSS_KEYS`).
+        hint: what to try, appended to the message.
     """
 
-    def __init__(self, hint: str = "lower the learning rate, switch amp off, or check the inputs") -> None:
+    def __init__(self, loss_keys: Sequence[str] = LOSS_KEYS,
+                 hint: str = "check the inputs for NaN/inf, lower the learning rate, or switch amp off") -> None:
+        self.loss_keys = tuple(loss_keys)
         self.hint = hint
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self)
+        if AdversarialIterationEvents.DISCRIMINATOR_LOSS_COMPLETED in engine._allowed_events:
+            engine.add_event_handler(AdversarialIterationEvents.DISCRIMINATOR_LOSS_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        loss = loss_output(engine.state.output)
-        if loss is not None and not math.isfinite(loss):
-            msg = (
-                f"training stopped: the loss is {loss} at iteration {engine.state.iteration} "
-                f"(epoch {engine.state.epoch}); nothing of this iteration was applied. Try: {self.hint}"
-            )
+        out = engine.state.output
+        if not isinstance(out, Mapping):
+            return
+        values = {k: float(out[k].detach().float().mean() if isinstance(out[k], torch.Tensor) else out[k])
+                  for k in self.loss_keys if k in out and out[k] is not None}
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            detail = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
+            msg = (f"non-finite training loss at iteration {engine.state.iteration} (epoch {engine.state.epoch}): "
+                   f"{', '.join(bad)} ({detail}); training stopped before the optimiser step. Try: {self.hint}")
             logger.error(msg)
-            raise FloatingPointError(msg)
+            raise NonFiniteLossError(msg)
 
 
 class LossProgressBar:
-    """An ``ignite.handlers.ProgressBar`` over each epoch's iterations showing the training loss."""
+    """An ``ignite.handlers.ProgressBar`` over each epoch's iterations showing the training loss terms.
 
-    def __init__(self, persist: bool = False) -> None:
-        self.persist = persist
+    Why a wrapper: MONAI attaches a handler with ``handler.attach(engine)`` only, while ignite's ``ProgressBar``
+    takes the values to show (``output_transform``) in ``attach``.
+
+    Args:
+        output_transform: engine output -> ``{name: float}`` to show (default: the loss, :func:`loss_output`).
+        persist: keep the bar after each epoch.
+        enabled: ``False`` attaches nothing (``--progress false``).
+    """
+
+    def __init__(self, output_transform: Callable | None = None, persist: bool = False, enabled: bool = True) -> None:
+        self.output_transform = output_transform or (lambda out: {"loss": loss_output(out)})
+        self.persist, self.enabled = persist, enabled
 
     def attach(self, engine: Engine) -> None:
-        from ignite.handlers import ProgressBar
-
-        ProgressBar(persist=self.persist).attach(engine, output_transform=lambda out: {"loss": loss_output(out)})
+        if self.enabled:
+            ProgressBar(persist=self.persist).attach(engine, output_transform=self.output_transform)
 
 
 def soft_mask_rgb(soft_mask: torch.Tensor) -> torch.Tensor:
@@ -370,6 +412,8 @@ class ModelExport:
             ``feature_normalisation.json``); read when the handler is built (with the training data) and written
             beside ``model_path`` as ``feature_normalisation.json``, its SHA-256 recorded in the side file, so that
             inference and evaluation use - and verify - the normaliser of the model, whatever ``prepare`` did since.
+        model_config: JSON record of the model keys (``custom.workflows.bundle.model_record``), stored in
+            ``model.pt`` so that inference rebuilds this network without the training configs.
     """
 
     def __init__(
@@ -383,6 +427,7 @@ class ModelExport:
         evaluator: Engine | None = None,
         metric_name: str = "val_noise_mse",
         normaliser_file: str | os.PathLike | None = None,
+        model_config: str | None = None,
     ) -> None:
         self.model_path = Path(model_path)
         self.normaliser_bytes = None
@@ -395,6 +440,7 @@ class ModelExport:
         self.info = dict(info or {})
         self.evaluator = evaluator
         self.metric_name = metric_name
+        self.model_config = model_config
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
@@ -405,10 +451,10 @@ class ModelExport:
 
         online = cpu_state(self.network)
         ema = cpu_state(self.ema.ema_model) if self.ema is not None else online
-        save_checkpoint(
-            self.model_path,
-            {"model": ema, "network": online, "scale_factor": torch.tensor(float(self.encoder.scale_factor))},
-        )
+        obj = {"model": ema, "network": online, "scale_factor": torch.tensor(float(self.encoder.scale_factor))}
+        if self.model_config is not None:
+            obj["model_config"] = self.model_config
+        save_checkpoint(self.model_path, obj)
         logger.info("final model (EMA weights under 'model'): %s", self.model_path)
         norm_info: dict[str, Any] = {}
         if self.normaliser_bytes is not None:

@@ -830,7 +830,7 @@ class CompiledDenoiser(nn.Module):
 class GCDMCheckpointLoader(CheckpointLoader):
     """MONAI ``CheckpointLoader`` (``torch.load(weights_only=True)``) for the stage-2 model file, whose problems read
     as one sentence: a missing file says to train stage 2, a corrupt file says so, weights of another configuration
-    list the first shape mismatch (:func:`custom.engines.checkpoints.load_state_dict_checked`).
+    list the first shape mismatch (:func:`custom.checkpoints.load_state_dict_checked`).
 
     ``load_dict={"model": network}`` loads ``model.pt["model"]``: the EMA weights written by training."""
 
@@ -841,7 +841,11 @@ class GCDMCheckpointLoader(CheckpointLoader):
         self.what = what
 
     def __call__(self, engine: Engine) -> None:
-        from custom.engines.checkpoints import load_checkpoint, load_state_dict_checked, verify_checkpoint
+<<<<<<< HEAD
+        from custom.checkpoints import load_checkpoint, load_state_dict_checked, verify_checkpoint
+=======
+        from custom.checkpoints import load_checkpoint, load_state_dict_checked
+>>>>>>> h9
 
         path = Path(self.load_path)
         if not path.is_file():

@@ -88,7 +88,7 @@ def load_feature_network(
             raise MammoInputError(path, f"unreadable TorchScript feature network ({type(err).__name__}: "
                                         f"{str(err).splitlines()[0][:200]})") from err
         return net.eval()
-    from custom.engines.checkpoints import load_checkpoint, load_state_dict_checked
+    from custom.checkpoints import load_checkpoint, load_state_dict_checked
 
     ckpt = load_checkpoint(path, map_location, what="FID feature network", verify=False)  # a user's file: no .sha256
     if network is None:

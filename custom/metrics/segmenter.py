@@ -56,7 +56,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from custom.checkpoints import load_checkpoint, load_state_dict_checked
+from custom.data.training import load_prepared_datalist, prepared_transforms
 from custom.errors import MammoInputError
+from custom.metrics.controllability import controllability_metrics, lesion_box_roi
 
 __all__ = [
     "META_FORMAT",
@@ -138,7 +141,6 @@ def load_segmenter(
         MammoInputError: naming ``ckpt_path`` - missing/corrupt file, no ``"model"`` entry, no ``network`` and no
         ``"meta"``, or weights of another configuration.
     """
-    from custom.engines.checkpoints import load_checkpoint, load_state_dict_checked
 
     ckpt = load_checkpoint(ckpt_path, map_location, what="lesion segmenter checkpoint")
     if "model" not in ckpt:
@@ -242,7 +244,6 @@ def segmenter_score_on_real(
         :func:`custom.metrics.controllability.controllability_metrics` (``mass_iou``, ``breast_iou``,
         ``pixel_accuracy``, ``mass_dice_mean`` ...).
     """
-    from custom.metrics.controllability import controllability_metrics, lesion_box_roi
 
     x = _image_batch(images)
     prob = lesion_probability(network, x, batch_size=batch_size, device=device)
@@ -267,7 +268,6 @@ def segmenter_score_on_prepared(
 
     Images and label maps are resized to ``image_size`` (default: the segmenter's training size recorded by
     :func:`load_segmenter`, else the prepared size) - the resolution the scores are computed at."""
-    from custom.data.training import load_prepared_datalist, prepared_transforms
 
     items = load_prepared_datalist(prepared_dir, split, limit=limit)
     if not items:

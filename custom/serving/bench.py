@@ -106,7 +106,7 @@ def make_model(output_dir: str, prepared_dir: str, config_files: list[str]) -> P
     import torch
     from monai.bundle import ConfigParser
 
-    from custom.engines.checkpoints import save_checkpoint, save_stage1
+    from custom.checkpoints import save_checkpoint, save_stage1
     from custom.features.presets import make_presets
 
     out = Path(output_dir)

@@ -26,7 +26,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
 
-from custom.data.dicom import header_from_params
+from custom.dicom import header_from_params
 from custom.errors import MammoInputError
 
 __all__ = ["DicomGrayscale", "DicomGrayscaled", "apply_dicom_grayscale"]
@@ -60,7 +60,7 @@ def apply_dicom_grayscale(
 
     Args:
         stored: stored pixel values, any shape (typically ``(H, W)``), integer or float.
-        params: the grayscale tags, as produced by :func:`custom.data.dicom.grayscale_params`.
+        params: the grayscale tags, as produced by :func:`custom.dicom.grayscale_params`.
         window_index: which window (or VOI LUT) to use when several are present.
         prefer_voi_lut: use a VOI LUT Sequence over windows when both are present.
         source: file name for error messages.
@@ -172,7 +172,7 @@ def apply_dicom_grayscale(
 
 
 class DicomGrayscale(Transform):
-    """Array form: stored values (``MetaTensor`` from :class:`~custom.data.dicom.MammoDicomReader`) -> [0, 1].
+    """Array form: stored values (``MetaTensor`` from :class:`~custom.dicom.MammoDicomReader`) -> [0, 1].
 
     Input: ``(1, H, W)`` or ``(H, W)`` stored values whose ``meta["dicom_grayscale"]`` holds the tags (or pass
     ``params`` explicitly). Output: same shape, float32 in [0, 1], 0 = air/dark, 1 = dense/bright;

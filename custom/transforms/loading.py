@@ -1,4 +1,4 @@
-"""Loading DICOM MG files with MONAI's ``LoadImage`` restricted to :class:`~custom.data.dicom.MammoDicomReader`.
+"""Loading DICOM MG files with MONAI's ``LoadImage`` restricted to :class:`~custom.dicom.MammoDicomReader`.
 
 ``LoadImage(reader=...)`` falls back on every other registered reader when the given one fails, and then reports
 only that no reader could load the file. These transforms pass the reader at call time instead, so a bad file's
@@ -21,7 +21,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform, Transform
 
-from custom.data.dicom import MammoDicomReader
+from custom.dicom import MammoDicomReader
 
 __all__ = ["LoadMammogram", "LoadMammogramd", "enable_gpu_decoding"]
 
@@ -64,7 +64,7 @@ def enable_gpu_decoding(enabled: bool | None = None) -> bool:
 
 class LoadMammogram(Transform):
     """Path -> ``MetaTensor`` of stored values, ``(1, H, W)`` with ``ensure_channel_first`` (default) else ``(H, W)``;
-    metadata as documented in :class:`~custom.data.dicom.MammoDicomReader`. ``gpu_decoding``: see
+    metadata as documented in :class:`~custom.dicom.MammoDicomReader`. ``gpu_decoding``: see
     :func:`enable_gpu_decoding` (``None``: on when available)."""
 
     def __init__(self, ensure_channel_first: bool = True, require_mammography: bool = True,

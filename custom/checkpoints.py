@@ -6,7 +6,7 @@ Every checkpoint the bundle writes (:func:`save_checkpoint`, and the training-st
 it before anything is unpickled; :func:`load_checkpoint` (resume, inference, evaluation, the stage-1 and latent-cache
 loaders) calls it, and the MONAI Label app can call it on its own. Any damage - flipped bytes, truncation, an empty
 file, a folder in its place, a missing or malformed checksum file - ends in one :class:`MammoInputError` naming the
-checkpoint. A file written elsewhere can be vouched for with ``python -m custom.engines.checkpoints --write FILE``.
+checkpoint. A file written elsewhere can be vouched for with ``python -m custom.checkpoints --write FILE``.
 
 The stage-1 file (``models/autoencoder.pt``) is a dict ``{"autoencoder": AutoencoderKL state_dict,
 "scale_factor": 0-d float tensor}``: the latent scale factor (1 / std of training latents) travels with the weights.
@@ -78,7 +78,7 @@ def verify_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> str:
     if not side.is_file():
         raise MammoInputError(path, f"{what} has no checksum file {side.name} beside it, so its integrity cannot be "
                                     "verified (every checkpoint the bundle writes has one; for a file you trust: "
-                                    f"python -m custom.engines.checkpoints --write {path})")
+                                    f"python -m custom.checkpoints --write {path})")
     try:
         text = side.read_text(encoding="utf-8", errors="strict")
     except (OSError, UnicodeDecodeError) as err:
@@ -141,10 +141,14 @@ def save_checkpoint(path: str | os.PathLike, obj: Mapping[str, Any]) -> Path:
     return Path(path)
 
 
-def save_stage1(path: str | os.PathLike, autoencoder: torch.nn.Module, scale_factor: float) -> Path:
-    """Write the stage-1 file: autoencoder weights + latent scale factor."""
+def save_stage1(path: str | os.PathLike, autoencoder: torch.nn.Module, scale_factor: float, model_config: str | None = None) -> Path:
+    """Write the stage-1 file: autoencoder weights + latent scale factor (+ ``model_config``, the JSON record of the
+    model keys it was built with, see ``custom.workflows.bundle``)."""
     state = {k: v.detach().cpu() for k, v in autoencoder.state_dict().items()}
-    return save_checkpoint(path, {"autoencoder": state, "scale_factor": torch.tensor(float(scale_factor))})
+    obj: dict[str, Any] = {"autoencoder": state, "scale_factor": torch.tensor(float(scale_factor))}
+    if model_config is not None:
+        obj["model_config"] = model_config
+    return save_checkpoint(path, obj)
 
 
 def load_stage1(path: str | os.PathLike, autoencoder: torch.nn.Module, map_location: str | torch.device = "cpu") -> float:
@@ -157,7 +161,8 @@ def load_stage1(path: str | os.PathLike, autoencoder: torch.nn.Module, map_locat
     path = Path(path)
     if not path.is_file():
         raise MammoInputError(path, "stage-1 autoencoder checkpoint not found: train stage 1 first "
-                                    "(python -m monai.bundle run training --config_file bundle/configs/train_autoencoder.json)")
+                                    "(python -m monai.bundle run training --config_file \"['bundle/configs/common.json',"
+                                    "'bundle/configs/train_autoencoder.json']\")")
     ckpt = load_checkpoint(path, map_location, what="stage-1 checkpoint")
     if "autoencoder" not in ckpt or "scale_factor" not in ckpt:
         raise MammoInputError(path, f"not a stage-1 checkpoint: expected keys 'autoencoder' and 'scale_factor', found {sorted(ckpt)}")
@@ -169,7 +174,7 @@ def load_stage1(path: str | os.PathLike, autoencoder: torch.nn.Module, map_locat
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m custom.engines.checkpoints [--write] FILE ...``: verify checkpoints (or write their checksum)."""
+    """``python -m custom.checkpoints [--write] FILE ...``: verify checkpoints (or write their checksum)."""
     parser = argparse.ArgumentParser(description="verify checkpoint files against their .sha256 files")
     parser.add_argument("files", nargs="+")
     parser.add_argument("--write", action="store_true", help="write the .sha256 file of each (a file you trust)")
