@@ -410,8 +410,15 @@ def test_keep_mode_declares_the_source_content_and_no_file_name_leaks(mini_vindr
     out = pydicom.dcmread(paths["dcm"])
     assert out.BurnedInAnnotation == "NO" and out.RecognizableVisualFeatures == "NO"
     # base names only when asked
-    paths = export_sample(tmp_path / "named", "s", img, cond, keep, formats=("dcm",), file_names=True)
+    paths = export_sample(tmp_path / "named", "s", img, cond, keep, formats=("dcm", "png", "nii"), file_names=True)
     assert f"{secret}_breast.png" in paths["json"].read_text()
+    # every output gets the mode the umask gives (like the summary), not mkstemp's 0600
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in paths.values():
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p.name
 
 
 # ---------------------------------------------------------------------------------------------------- item 7
