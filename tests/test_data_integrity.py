@@ -410,5 +410,127 @@ def test_keep_mode_declares_the_source_content_and_no_file_name_leaks(mini_vindr
     out = pydicom.dcmread(paths["dcm"])
     assert out.BurnedInAnnotation == "NO" and out.RecognizableVisualFeatures == "NO"
     # base names only when asked
-    paths = export_sample(tmp_path / "named", "s", img, cond, keep, formats=("dcm",), file_names=True)
+    paths = export_sample(tmp_path / "named", "s", img, cond, keep, formats=("dcm", "png", "nii"), file_names=True)
     assert f"{secret}_breast.png" in paths["json"].read_text()
+    # every output gets the mode the umask gives (like the summary), not mkstemp's 0600
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in paths.values():
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p.name
+
+
+# ---------------------------------------------------------------------------------------------------- item 7
+def test_presentation_lut_shape_inverse_is_applied():
+    from custom.transforms.intensity import apply_dicom_grayscale
+
+    x = np.arange(0, 4096, 64, dtype=np.uint16).reshape(8, 8)
+    base = {"PhotometricInterpretation": "MONOCHROME2", "BitsStored": 12, "PixelRepresentation": 0,
+            "WindowCenter": [2048.0], "WindowWidth": [4096.0]}
+    identity, _ = apply_dicom_grayscale(x, {**base, "PresentationLUTShape": "IDENTITY"})
+    inverse, info = apply_dicom_grayscale(x, {**base, "PresentationLUTShape": "INVERSE"})
+    np.testing.assert_allclose(inverse, 1.0 - identity, atol=1e-7)
+    assert info["inverted"] and info["presentation_lut_shape"] == "INVERSE"
+    # MONOCHROME1 with INVERSE (how the MG IOD writes it) is inverted once, not twice
+    mono1, _ = apply_dicom_grayscale(x, {**base, "PhotometricInterpretation": "MONOCHROME1", "PresentationLUTShape": "INVERSE"})
+    np.testing.assert_allclose(mono1, 1.0 - identity, atol=1e-7)
+
+
+def test_prepare_honours_window_index_from_the_command_line():
+    from monai.bundle import ConfigParser
+
+    repo = Path(__file__).resolve().parents[1]
+    parser = ConfigParser()
+    parser.read_config(str(repo / "bundle/configs/prepare.json"))
+    parser["window_index"] = 1
+    parser["output_dir"] = "/tmp/never_written"
+    workflow = parser.get_parsed_content("workflow")
+    assert workflow.settings.window_index == 1
+
+
+def test_boxes_follow_the_annotated_image_size(tmp_path):
+    from test_fuzz import H as FH, W as FW, mg_dataset
+
+    from custom.data.cases import Finding, MammoCase
+    from custom.data.prepare import PreprocessSettings, preprocess_case
+
+    ds = mg_dataset(np.random.default_rng(1))
+    ds.save_as(tmp_path / "img.dcm", enforce_file_format=True)
+    settings = PreprocessSettings(image_size=32)
+    box = [6, 18, 14, 26]
+    plain = preprocess_case(MammoCase("a", str(tmp_path / "img.dcm"), "s", findings=[Finding(box=box)]),
+                            str(tmp_path / "a"), settings)
+    # annotated on a 2x larger copy of the image: the boxes are scaled onto the image read
+    big = MammoCase("b", str(tmp_path / "img.dcm"), "s", findings=[Finding(box=[2 * v for v in box])],
+                    annotated_shape=[2 * FH, 2 * FW])
+    scaled = preprocess_case(big, str(tmp_path / "b"), settings)
+    assert scaled["findings"][0]["box"] == plain["findings"][0]["box"]
+    # another aspect ratio: the boxes cannot be placed
+    odd = MammoCase("c", str(tmp_path / "img.dcm"), "s", findings=[Finding(box=box)], annotated_shape=[FH, 2 * FW])
+    with pytest.raises(MammoInputError, match="aspect ratio") as err:
+        preprocess_case(odd, str(tmp_path / "c"), settings)
+    assert err.value.source == str(tmp_path / "img.dcm") and not (tmp_path / "c").exists()
+
+
+def test_a_dicom_seg_of_several_images_gives_each_image_its_own_frames(tmp_path):
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+    from test_fuzz import mg_dataset
+
+    from custom.data.mask_io import load_mask_file
+
+    sources, masks = [], []
+    for k in range(2):
+        ds = mg_dataset(np.random.default_rng(k))
+        sources.append(ds)
+        m = np.zeros((ds.Rows, ds.Columns), bool)
+        m[10 + 10 * k:16 + 10 * k, 5:12] = True
+        masks.append(m)
+    study, series = generate_uid(), generate_uid()
+    for i, ds in enumerate(sources):
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.PatientID, ds.PatientName, ds.StudyDate, ds.StudyTime = "P", "P^P", "20200101", "000000"
+        ds.PatientBirthDate, ds.PatientSex, ds.AccessionNumber, ds.ReferringPhysicianName = "", "F", "", ""
+        ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "1", 1, i + 1
+        ds.PixelSpacing = [0.1, 0.1]
+        ds.ImageOrientationPatient, ds.ImagePositionPatient = [1, 0, 0, 0, 1, 0], [0, 0, float(i)]
+        ds.SliceThickness = 1.0
+        ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.8.498.1"
+    desc = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="lesion", segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Mass, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=np.stack(masks), segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[desc], series_instance_uid=generate_uid(), series_number=2, sop_instance_uid=generate_uid(),
+        instance_number=1, manufacturer="test", manufacturer_model_name="test", software_versions="0",
+        device_serial_number="0", omit_empty_frames=False)
+    seg.save_as(tmp_path / "seg.dcm")
+    for ds, m in zip(sources, masks):
+        np.testing.assert_array_equal(load_mask_file(tmp_path / "seg.dcm", referenced_sop_instance_uid=ds.SOPInstanceUID), m)
+    with pytest.raises(MammoInputError, match="covers 2 source images"):
+        load_mask_file(tmp_path / "seg.dcm")
+    with pytest.raises(MammoInputError, match="no frame of this SEG references"):
+        load_mask_file(tmp_path / "seg.dcm", referenced_sop_instance_uid="1.2.999")
+
+
+# ---------------------------------------------------------------------------------------------------- item 8
+def test_blank_images_and_negative_keep_dilation_are_refused(tmp_path):
+    from test_fuzz import mg_dataset
+
+    from custom.data.prepare import load_display_image
+    from custom.engines.inference import build_inference_cases
+
+    ds = mg_dataset(np.random.default_rng(2))
+    ds.PixelData = np.full((ds.Rows, ds.Columns), 1234, np.uint16).tobytes()
+    ds.save_as(tmp_path / "constant.dcm", enforce_file_format=True)
+    Image.fromarray(np.zeros((40, 30), np.uint16)).save(tmp_path / "blank.png")
+    for name in ("constant.dcm", "blank.png"):
+        with pytest.raises(MammoInputError, match="no dynamic range") as err:
+            load_display_image(tmp_path / name)
+        assert err.value.source == str(tmp_path / name)
+    with pytest.raises(MammoInputError, match="keep_dilation") as err:
+        build_inference_cases(image_size=32, normaliser_file=tmp_path / "n.json", max_lesions=2, mode="keep",
+                              image_file=str(tmp_path / "blank.png"), keep_dilation=-1)
+    assert err.value.source == "keep_dilation"

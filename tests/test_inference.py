@@ -294,13 +294,13 @@ def test_an_unknown_option_is_rejected_not_ignored(models, prepared_dir, case, t
 def test_corrupt_checkpoint_is_named(models, prepared_dir, case, tmp_path):
     broken = tmp_path / "models"
     broken.mkdir()
-    for name in ("autoencoder.pt", "diffusion_info.json"):
+    for name in ("autoencoder.pt", "autoencoder.pt.sha256", "diffusion_info.json", "model.pt.sha256"):
         shutil.copy(models / name, broken / name)
     (broken / "model.pt").write_bytes((models / "model.pt").read_bytes()[:3000])
     out = tmp_path / "out"
     msg = _error(lambda: _run(broken, prepared_dir, mask_file=str(case["label"]), feature_file=str(case["features"]),
                               output_dir=str(out)))
-    assert str(broken / "model.pt") in msg and "corrupt or unreadable stage-2 model checkpoint" in msg
+    assert str(broken / "model.pt") in msg and "stage-2 model checkpoint is damaged" in msg
     assert not out.exists()
 
 

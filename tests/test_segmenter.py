@@ -119,6 +119,12 @@ def test_load_segmenter_errors_name_the_file(trained, tmp_path):
         load_segmenter(tmp_path / "missing.pt")
     bare = tmp_path / "bare.pt"
     torch.save({"weights": {}}, bare)
+    with pytest.raises(MammoInputError, match="no checksum file bare.pt.sha256") as err:  # not written by the bundle
+        load_segmenter(bare)
+    assert err.value.source == str(bare)
+    from custom.engines.checkpoints import save_checkpoint
+
+    save_checkpoint(bare, {"weights": {}})
     with pytest.raises(MammoInputError, match="no 'model' entry"):
         load_segmenter(bare)
     with pytest.raises(ValueError, match="2 classes"):

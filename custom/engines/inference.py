@@ -841,16 +841,12 @@ class GCDMCheckpointLoader(CheckpointLoader):
         self.what = what
 
     def __call__(self, engine: Engine) -> None:
-<<<<<<< HEAD
         from custom.checkpoints import load_checkpoint, load_state_dict_checked, verify_checkpoint
-=======
-        from custom.checkpoints import load_checkpoint, load_state_dict_checked
->>>>>>> h9
 
         path = Path(self.load_path)
         if not path.is_file():
             raise MammoInputError(path, f"{self.what} not found: train stage 2 first (python -m monai.bundle run "
-                                        "training --config_file \"['bundle/configs/train_autoencoder.json',"
+                                        "training --config_file \"['bundle/configs/common.json',"
                                         "'bundle/configs/train_diffusion.json']\"), or point --ckpt_dir at a model folder")
         verify_checkpoint(path, self.what)  # against its .sha256, before anything is unpickled
         try:
