@@ -5,7 +5,7 @@ the bundle configs) and prints one table, which it also writes into ``bundle/doc
 ``<!-- gpu-check -->`` markers, with the device named. Steps:
 
 1. the device's bf16 GEMM peak, measured (an ``8192 x 8192 x 8192`` bf16 matrix product, mean of 10 after 3 warm-ups);
-2. stage-2 training steps of the paper configuration (``train_autoencoder.json`` + ``train_diffusion.json`` +
+2. stage-2 training steps of the paper configuration (``common.json`` + ``train_diffusion.json`` +
    ``paper.json``, read as plain JSON, later files overriding earlier top-level keys) in bf16 autocast on cached
    latents (random ``(B, 4, 32, 32)`` image latents and ``(B, 4, 32, 32)`` soft-mask latents: the SD VAE's shapes at
    256²) at GCDM's per-GPU batch size 32: the full ``GCDMNetwork`` (SD-v1-shaped UNet with 4 + 4 input channels,
@@ -48,7 +48,7 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "bundle" / "configs"
-PAPER_CONFIGS = ("train_autoencoder.json", "train_diffusion.json", "paper.json")
+PAPER_CONFIGS = ("common.json", "train_diffusion.json", "paper.json")
 BEGIN = "<!-- gpu-check:begin -->"
 END = "<!-- gpu-check:end -->"
 #: GCDM trained with 32 images per GPU on 2 GPUs.

@@ -120,7 +120,7 @@ def models(prepared_dir, tmp_path_factory) -> Path:
     folder = build_tiny_models(Path(prepared_dir), tmp_path_factory.getbasetemp() / "gcdm_tiny_models")
     root = tmp_path_factory.getbasetemp() / "gcdm_tiny_inpaint"
     if not (root / "READY").is_file():
-        run("training", config_file=[str(CONFIGS / "train_autoencoder.json"), str(CONFIGS / "train_diffusion.json"),
+        run("training", config_file=[str(CONFIGS / "common.json"), str(CONFIGS / "train_diffusion.json"),
                                      str(CONFIGS / "train_inpaint.json"), str(INFERENCE_TINY_CONFIG)],
             meta_file=str(CONFIGS / "metadata.json"), logging_file=False, prepared_dir=str(prepared_dir),
             ckpt_dir=str(folder), dm_output_dir=str(root / "dm"), latent_cache_dir=str(root / "cache"),

@@ -16,7 +16,7 @@ from sd_tiny import save_image_conditioned_single_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
-FILES = [CONFIGS / "train_autoencoder.json", CONFIGS / "train_diffusion.json", CONFIGS / "paper.json",
+FILES = [CONFIGS / "common.json", CONFIGS / "train_diffusion.json", CONFIGS / "paper.json",
          REPO / "tests" / "configs" / "paper_tiny.json"]
 
 

@@ -105,7 +105,7 @@ def test_configs_default_to_sdpa():
 
     from conftest import BUNDLE
 
-    for files in (["train_autoencoder.json", "train_diffusion.json"], ["train_autoencoder.json", "train_diffusion.json", "paper.json"]):
+    for files in (["common.json", "train_diffusion.json"], ["common.json", "train_diffusion.json", "paper.json"]):
         p = ConfigParser()
         p.read_config([str(BUNDLE / "configs" / f) for f in files])
         assert p.get_parsed_content("use_flash_attention") is True, files
