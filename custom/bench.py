@@ -412,7 +412,8 @@ def baseline_preprocess(path: Path, out: Path, size: int) -> None:
     Image.fromarray(np.round(canvas.clip(0, 1) * 65535).astype(np.uint16)).save(out / f"{path.stem}.png")
 
 
-def bench_real_size(work: Path, n_images: int, repeats: int, cores: int, tiny: bool = False) -> list[Row]:
+def bench_real_size(work: Path, n_images: int, repeats: int, cores: int, tiny: bool = False,
+                    files: dict[str, list[Path]] | None = None) -> list[Row]:
     from unittest import mock
 
     from custom.data.cases import MammoCase
@@ -420,7 +421,7 @@ def bench_real_size(work: Path, n_images: int, repeats: int, cores: int, tiny: b
     from custom.transforms import intensity, masks
 
     shape = (204, 166) if tiny else (4084, 3328)
-    files = write_real_size_images(work / "real_size", shape, n_images)
+    files = files or write_real_size_images(work / "real_size", shape, n_images)
     settings = PreprocessSettings(image_size=64 if tiny else 256)
     out_dir = work / "real_size_out"
     (out_dir / "base").mkdir(parents=True, exist_ok=True)
@@ -461,7 +462,10 @@ def bench_real_size(work: Path, n_images: int, repeats: int, cores: int, tiny: b
 
         paths = files["uncompressed"] + files["JPEG 2000"]
         t = time.perf_counter()
-        with ProcessPoolExecutor(cores) as pool:
+        import multiprocessing
+
+        # spawn, not fork: a forked child of a process that already ran torch's thread pools can deadlock
+        with ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("spawn")) as pool:
             list(pool.map(_prep_one, [(str(p), str(out_dir), settings) for p in paths]))
         dt = time.perf_counter() - t
         rows.append((f"preprocessing {shape[0]}x{shape[1]}, {cores} processes", f"{len(paths) / dt:.2f} images/s",

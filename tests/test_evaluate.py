@@ -177,7 +177,7 @@ def test_evaluate_and_inference_take_the_same_model_definition():
         {k: v for k, v in evaluate["model"].items() if k != "may_differ"}
     assert inference["model"]["may_differ"] == [] and evaluate["model"]["may_differ"] == ["sigma"]
     assert inference["network_def"] == evaluate["network_def"] == "$@model.network"
-    assert evaluate["ddim_steps"] == 25 and inference["ddim_steps"] == 50  # recorded in metrics.json
+    assert evaluate["ddim_steps"] == inference["ddim_steps"] == 20  # the default's steps (recorded in metrics.json)
 
 
 def test_lesion_rois_run_labels_and_phantom_detection(prepared_dir, tmp_path):
