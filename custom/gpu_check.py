@@ -311,7 +311,7 @@ def run_checks(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     s_sample = timed(sample, device, 1, warmup=1 if not smoke else 0)
     rows.append((f"sampling {n_img} images, {args.ddim_steps} DDIM steps, CFG {guidance:g}",
                  f"{s_sample / n_img:.3f} s/image ({s_sample:.2f} s)",
-                 "eta 1.0; network (conditioner + UNet) run at every step; SD-shaped VAE decode included"))
+                 "eta 1.0; lesion context (CLIP + gated fusion) once per run, UNet at every step; SD-shaped VAE decode included"))
 
     rows += unet_vs_diffusers(net, batch, device, bf16, args)
     del net, vae, step
