@@ -17,7 +17,7 @@ LAYERS = {
     "custom.data": 3,
     "custom.networks": 4, "custom.metrics": 4, "custom.losses": 4,
     "custom.engines": 5,
-    "custom.workflows": 6, "custom.bench": 6, "custom.label_app": 6,
+    "custom.workflows": 6, "custom.bench": 6, "custom.label_app": 6, "custom.gpu_check": 6, "custom.serving": 6,
 }
 
 

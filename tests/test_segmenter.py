@@ -122,7 +122,7 @@ def test_load_segmenter_errors_name_the_file(trained, tmp_path):
     with pytest.raises(MammoInputError, match="no checksum file bare.pt.sha256") as err:  # not written by the bundle
         load_segmenter(bare)
     assert err.value.source == str(bare)
-    from custom.engines.checkpoints import save_checkpoint
+    from custom.checkpoints import save_checkpoint
 
     save_checkpoint(bare, {"weights": {}})
     with pytest.raises(MammoInputError, match="no 'model' entry"):

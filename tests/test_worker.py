@@ -33,6 +33,7 @@ def setup(prepared_dir, tmp_path_factory):
     item = next(it for split in ("training", "validation", "test") for it in datalist.get(split, [])
                 if it.get("num_lesions", 0) > 0)
     args = {"mode": "generate", "mask_file": str(Path(prepared_dir) / item["label"]),
+            "lesion_mask_file": str(Path(prepared_dir) / item["lesions"]),  # lesion identity: instance map
             "feature_file": str(Path(prepared_dir) / "features.csv"), "feature_case_id": item["case_id"],
             "case_id": "same", "seed": 3, "ddim_steps": 3, "num_samples": 1, "formats": ["png", "nii"]}
     return {"root": root, "models": models, "args": args}

@@ -16,8 +16,9 @@ Protocol (stdin/stdout, one JSON object per line; nothing else is written to std
 
 ``args`` are the keys of ``inference.json`` (what ``--key value`` sets on the command line). ``kind`` is ``input``
 (the product's one-line input error, the request's fault) or ``crash`` (anything else; the worker keeps serving).
-At start the worker loads the model (the stage-2 weights through the bundle's ``GCDMCheckpointLoader``, which
-verifies them; the autoencoder through ``FrozenLatentEncoder``) and checks the model info, then prints
+At start the worker loads the model (``inference.json#model``: the bundle's ``BundleModel``, which verifies the
+checkpoints' checksums, rebuilds the network from ``configs/common.json`` + the checkpoint's record and loads it
+strictly, stage 1 included) and checks the model info, then prints
 ``{"ready": true, ...}``; a model that does not load ends it with ``{"ready": false, "message": ...}``.
 
 Run: ``python -m custom.serving.worker --config_file bundle/configs/inference.json --ckpt_dir bundle/models``.
@@ -32,25 +33,25 @@ import os
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from ignite.engine import Engine
 from monai.bundle import ConfigParser
 from PIL import Image
 
 from custom.data.prepare import load_display_image
-from custom.engines.inference import GCDMCheckpointLoader, describe_error
+from custom.engines.inference import describe_error
 from custom.errors import MammoInputError
 from custom.transforms.masks import breast_mask
 
 __all__ = ["SynthesisWorker", "serve", "main"]
 
-#: per-worker objects the per-request configs point at (``$custom.serving.worker.LOADED['network']``)
+#: per-worker objects the per-request configs point at (``$custom.serving.worker.LOADED['model']``)
 LOADED: dict[str, Any] = {}
 #: request keys that would replace what the worker loaded once
-FIXED_KEYS = ("network", "network_def", "latent_encoder", "ckpt_dir", "model_path", "stage1_checkpoint", "device",
+FIXED_KEYS = ("model", "model_overrides", "network", "network_def", "latent_encoder", "ckpt_dir", "model_path", "stage1_checkpoint", "device",
               "handlers", "evaluator", "inference", "model_check", "bundle_root", "num_threads")
 
 
@@ -67,24 +68,22 @@ class SynthesisWorker:
     def __init__(self, config_files: Sequence[str], ckpt_dir: str, overrides: Mapping[str, Any] | None = None,
                  num_threads: int | None = None):
         self.config_files = [str(f) for f in config_files]
-        self.fixed = {"ckpt_dir": str(ckpt_dir), **dict(overrides or {})}
+        # bundle_root: the folder holding the configs' folder (the workflows find it themselves only when run by
+        # monai.bundle; this parser is not)
+        root = Path(self.config_files[0]).resolve().parent.parent
+        self.fixed = {"bundle_root": str(root), "ckpt_dir": str(ckpt_dir), **dict(overrides or {})}
         parser = self._parser()
         threads = num_threads or parser.get_parsed_content("num_threads")
         if threads:
             torch.set_num_threads(int(threads))
-        network = parser.get_parsed_content("network")
-        network.eval()
-        loader = parser["handlers"][0]
-        if not (isinstance(loader, dict) and str(loader.get("_target_", "")).endswith("GCDMCheckpointLoader")):
-            raise RuntimeError("inference config: handlers[0] is not the GCDMCheckpointLoader")
-        engine = Engine(lambda e, b: None)
-        engine.state.max_epochs = 1
-        GCDMCheckpointLoader(parser.get_parsed_content("model_path"), {"model": network},
-                             map_location=parser.get_parsed_content("device"))(engine)
+        # the bundle's model (configs/common.json + the checkpoint's record, weights strictly loaded after their
+        # checksum was verified): built once, reused by every request
+        model = parser.get_parsed_content("model")
+        model.latent_encoder  # noqa: B018 - load (and check) stage 1 now, not at the first request
         parser.get_parsed_content("model_check")
         from custom.serving import worker as this_module  # also when run as __main__: the configs import this name
 
-        this_module.LOADED.update(network=network, latent_encoder=parser.get_parsed_content("latent_encoder"))
+        this_module.LOADED.update(model=model)
         self.info = {"model_path": str(parser.get_parsed_content("model_path")), "threads": torch.get_num_threads()}
 
     def _parser(self) -> ConfigParser:
@@ -104,9 +103,7 @@ class SynthesisWorker:
         parser = self._parser()
         for key, value in args.items():
             parser[key] = value
-        parser["network"] = "$custom.serving.worker.LOADED['network']"
-        parser["latent_encoder"] = "$custom.serving.worker.LOADED['latent_encoder']"
-        parser["handlers"] = parser["handlers"][1:]      # the weights are loaded (and were verified) once
+        parser["model"] = "$custom.serving.worker.LOADED['model']"  # loaded (and verified) once, at start
         parser["model_check"] = None                      # checked once at start
         parser["num_threads"] = None                      # the worker's own setting
         with torch.inference_mode():
