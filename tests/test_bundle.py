@@ -35,8 +35,9 @@ def _copy_bundle(models: Path, dest: Path) -> Path:
     shutil.copytree(BUNDLE / "docs", dest / "docs", ignore=shutil.ignore_patterns("images"))
     shutil.copy(BUNDLE / "LICENSE", dest / "LICENSE")
     (dest / "models").mkdir()
-    for name in ("model.pt", "autoencoder.pt", "segmenter.pt", "diffusion_info.json"):
-        shutil.copy(models / name, dest / "models" / name)
+    for f in Path(models).iterdir():  # weights with their .sha256, the model's normaliser and side files
+        if f.is_file():
+            shutil.copy(f, dest / "models" / f.name)
     return dest
 
 
@@ -51,7 +52,7 @@ def test_inference_and_evaluation_run_from_a_folder_outside_the_repository(model
     case = json.loads((Path(prepared_dir) / "datalist.json").read_text())["test"][0]
     prepared = Path(prepared_dir)
     cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", str(bundle / "configs" / "inference.json"),
-           "--bundle_root", str(bundle), "--mask_file", str(prepared / case["label"]),
+           "--bundle_root", str(bundle), "--mask_file", str(prepared / case["label"]), "--lesion_mask_file", str(prepared / case["lesions"]),
            "--feature_file", str(prepared / "features.csv"), "--feature_case_id", case["case_id"],
            "--normaliser_file", str(prepared / "feature_normalisation.json"), "--ddim_steps", "2", "--progress", "False",
            "--formats", "['png']"]
@@ -81,7 +82,7 @@ def _zip(folder: Path, path: Path) -> Path:
 def test_a_zipped_bundle_loads_the_network_its_own_configs_describe(models, tmp_path, monkeypatch):
     from monai.bundle import download, load
 
-    from custom.checkpoints import load_checkpoint
+    from custom.checkpoints import load_checkpoint, write_checksum
 
     archive = _zip(_copy_bundle(models, tmp_path / "src" / "mammo_gcdm"), tmp_path / "mammo_gcdm.zip")
     store = tmp_path / "store"
@@ -97,6 +98,7 @@ def test_a_zipped_bundle_loads_the_network_its_own_configs_describe(models, tmp_
     bad = dict(ckpt)
     bad["model_config"] = json.dumps(dict(json.loads(ckpt["model_config"]), cross_attention_dim=8))
     torch.save(bad, store / "mammo_gcdm" / "models" / "model.pt")
+    write_checksum(store / "mammo_gcdm" / "models" / "model.pt")  # vouched for: the record check is what must fail
     with pytest.raises(Exception) as info:
         load("mammo_gcdm", bundle_dir=str(store), workflow_type="inference", key_in_ckpt="model", device="cpu",
              progress=False)

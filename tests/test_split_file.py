@@ -49,7 +49,9 @@ def test_gcdm_image_ids_with_cc_mass_filters(tmp_path):
     got = {c.case_id: c.split for c in cases}
     # s4 is a bare study id: its CC images (L without, R with a mass) both pass the CC filter
     assert got == {"i0RCC": "training", "i1RCC": "training", "i2RCC": "validation", "i4LCC": "test", "i4RCC": "test"}
-    assert counts["not_in_split_file"] == 12 - 5  # 12 CC images in the dataset, MLO excluded before
+    # 12 CC images in the dataset (MLO excluded before); the calcification-only one is left out by the
+    # other-findings policy (exclude by default) before the split file is applied
+    assert counts["not_in_split_file"] == 11 - 5
     assert counts["split_file_entries_not_found"] == 0
 
 
