@@ -351,20 +351,42 @@ MAX_GUIDANCE = 100.0
 
 
 def check_sampling_options(ddim_steps: Any, guidance_scale: Any, ddim_eta: Any = 0.0, sigma: Any = 1.5,
-                           keep_feather: Any = 2.0, num_train_timesteps: Any = None) -> dict[str, Any]:
-    """The sampling options, checked before anything is built or loaded (the first step of the ``inference`` run):
-    ``ddim_steps`` an integer 1..``num_train_timesteps``, ``guidance_scale`` a finite number 0..100, ``ddim_eta``
-    0..1, ``sigma`` 0..100, ``keep_feather`` 0..10000. Raises one :class:`MammoInputError` naming the option."""
+                           keep_feather: Any = 2.0, num_train_timesteps: Any = None, *, num_samples: Any = None,
+                           seed: Any = None, keep_dilation: Any = None, case_id: Any = None) -> dict[str, Any]:
+    """The sampling options, checked before anything is built or loaded (the first step of the ``inference`` run,
+    then again with the model's ``sigma`` and ``num_train_timesteps`` once it is loaded): ``ddim_steps`` an integer
+    1..``num_train_timesteps``, ``guidance_scale`` a finite number 0..100, ``ddim_eta`` 0..1, ``sigma`` 0..100,
+    ``keep_feather`` 0..10000, and when given ``num_samples`` / ``seed`` (as :func:`_seeds`), ``keep_dilation`` an
+    integer >= 0 (its upper bound, the image size, is checked with the model) and ``case_id`` (an output name).
+    ``None`` skips a check. Raises one :class:`MammoInputError` naming the option."""
     t_max = MAX_STEPS
     if num_train_timesteps not in (None, ""):
         t_max = min(MAX_STEPS, option_int("num_train_timesteps", num_train_timesteps, 1, 10**6))
-    return {
+    checked = {
         "ddim_steps": option_int("ddim_steps", ddim_steps, 1, t_max),
         "guidance_scale": option_float("guidance_scale", guidance_scale, 0.0, MAX_GUIDANCE),
         "ddim_eta": option_float("ddim_eta", ddim_eta, 0.0, 1.0),
-        "sigma": option_float("sigma", sigma, 0.0, 100.0),
         "keep_feather": option_float("keep_feather", keep_feather, 0.0, 1e4),
     }
+    if sigma is not None:
+        checked["sigma"] = option_float("sigma", sigma, 0.0, 100.0)
+    if num_samples is not None or seed is not None:
+        checked["seeds"] = _seeds(0 if seed is None else seed, 1 if num_samples is None else num_samples)
+    if keep_dilation is not None:
+        checked["keep_dilation"] = option_int("keep_dilation", keep_dilation, 0, 10**6)
+    if case_id is not None:
+        from custom.data.export import check_output_name  # (inner import as at its other use in this module)
+
+        check_output_name("case_id", case_id)
+    return checked
+
+
+def keep_dilation_pixels(keep_dilation: Any, image_size: int) -> int:
+    """``keep_dilation`` in pixels of the model frame: ``None`` (the default) is ``max(2, image_size // 16)``;
+    a given value must lie in 0..``image_size``."""
+    if keep_dilation is None:
+        return max(2, int(image_size) // 16)
+    return option_int("keep_dilation", keep_dilation, 0, int(image_size))
 
 
 def _seeds(seed: int, num_samples: int) -> list[int]:

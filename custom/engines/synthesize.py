@@ -821,6 +821,18 @@ def mix_cohort(output_dir: str | os.PathLike, plan: Mapping[str, Any], mixed_dir
 
 
 # ---------------------------------------------------------------------------------------------------- the run
+def check_num_images(value: Any) -> int:
+    """``num_images`` as an integer >= 1 (the first step of the run, before the model is loaded); else one
+    :class:`MammoInputError` naming the option."""
+    try:
+        n = int(str(value))
+    except (TypeError, ValueError):
+        raise MammoInputError("num_images", f"must be a whole number >= 1, got {value!r}") from None
+    if n <= 0:
+        raise MammoInputError("num_images", f"must be at least 1, got {n}")
+    return n
+
+
 class SynthesisRun:
     """Checks, recipes, sharding, resume and the final merge of one ``synthesize`` run (see the module docstring).
 
@@ -869,13 +881,7 @@ class SynthesisRun:
 
     # 1. checks -------------------------------------------------------------------------------------------------
     def _num_images(self) -> int:
-        try:
-            n = int(str(self.num_images_raw))
-        except (TypeError, ValueError):
-            raise MammoInputError("num_images", f"must be a whole number >= 1, got {self.num_images_raw!r}") from None
-        if n <= 0:
-            raise MammoInputError("num_images", f"must be at least 1, got {n}")
-        return n
+        return check_num_images(self.num_images_raw)
 
     def _check_output(self) -> None:
         from custom.engines.inference import check_output_dir
