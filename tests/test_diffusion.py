@@ -536,3 +536,24 @@ def test_two_process_ddp_gloo(env, tmp_path):
     assert len(rows) == 1  # only rank 0 writes
     assert len(list((tmp_path / "cache").glob("*/*.pt"))) >= 4
     load_checkpoint(tmp_path / "models" / "model.pt")
+
+
+def test_resumed_run_against_an_uninterrupted_one(env, tmp_path):
+    """A run stopped after epoch 2 and resumed to epoch 3 against the same run done in one go. Stage 2's resume is
+    not bit-identical (stage 1's is, see test_autoencoder): the iteration, optimiser, EMA and schedule are restored
+    exactly (test above), but not every random generator the run draws from after the restart. Measured here (tiny
+    config, 2 iterations after the restart): max |difference| of network/EMA weights 1.0e-3 to 1.1e-3; the bound
+    documented in docs/README.md and held here is 1e-2."""
+    common = dict(train_limit=4, val_limit=2, save_interval=1, sample_interval=0)
+    whole = make_parser(env, tmp_path / "whole", **common, max_epochs=3)
+    whole.get_parsed_content("training")
+    a = _state(whole)
+    first = make_parser(env, tmp_path / "split", **common, max_epochs=2)
+    first.get_parsed_content("training")
+    second = make_parser(env, tmp_path / "split", **common, max_epochs=3, resume=True)
+    second.get_parsed_content("training")
+    b = _state(second)
+    assert (a["iteration"], a["epoch"]) == (b["iteration"], b["epoch"]) == (6, 3)
+    worst = max(float((a[key][k].float() - b[key][k].float()).abs().max()) for key in ("network", "ema") for k in a[key])
+    print(f"resume vs uninterrupted: max |difference| over network and EMA weights = {worst:.3e}")
+    assert 0.0 <= worst <= 1e-2, f"resumed run differs from the uninterrupted one by up to {worst:.3e}"
