@@ -41,7 +41,7 @@ from monai.inferers import Inferer
 from monai.transforms import MapTransform
 from torch import nn
 
-from custom.checkpoints import load_checkpoint, load_stage1, save_checkpoint
+from custom.checkpoints import file_sha256, load_checkpoint, load_stage1, save_checkpoint
 from custom.engines.handlers import is_main_process
 from custom.errors import MammoInputError
 from custom.networks.conditioning import cfg_dropout_masks
@@ -69,12 +69,8 @@ DEFAULT_CONDITION_KEYS = {"features": "features", "lesion_masks": "lesion_masks"
 
 
 def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """SHA-256 hex digest of a file's content."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    """SHA-256 hex digest of a file's content (:func:`custom.checkpoints.file_sha256`)."""
+    return file_sha256(path, chunk)
 
 
 def _barrier() -> None:
