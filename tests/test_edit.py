@@ -259,9 +259,10 @@ def test_bad_edit_inputs_write_nothing(models, prepared_dir, case, tmp_path):
     msg = _error(lambda: _run(INFERENCE, models, prepared_dir, image_file=case["dicom"], mode="keep", lesion_box=case["box"],
                               feature_file=case["features"], attributes="view=MLO", output_dir=str(out)))
     assert msg.startswith("attributes:") and "view" in msg
+    # the attribute names come from the model's record (configs/common.json + model.pt): another list is refused
     msg = _error(lambda: _run(INPAINT, models, prepared_dir, image_file=case["dicom"], lesion_box=case["box"],
-                              feature_file=case["features"], output_dir=str(out)))
-    assert "attribute_names" in msg  # the inpainting model reads attributes: the configuration must say so
+                              feature_file=case["features"], attribute_names=ATTRS[:1], output_dir=str(out)))
+    assert "attribute_names" in msg and "trained with" in msg
     assert not out.exists()
 
 

@@ -53,6 +53,7 @@ from custom.engines.inference import (
     GCDMSamplingInferer,
     InferenceCase,
     SampleWriter,
+    _is_dicom,
     _seeds,
     build_inference_cases,
     keep_region,
@@ -90,20 +91,6 @@ def gather_attributes(attributes: Any = None, prompt: str | None = None, attribu
     names = check_attribute_names(attribute_names, "attribute_names")
     encode_attributes(attrs, names)  # raises for an attribute the model does not read
     return attrs
-
-
-def _is_dicom(path: str | os.PathLike) -> bool:
-    p = Path(path)
-    if p.suffix.lower() in (".dcm", ".dicom"):
-        return True
-    if p.suffix:
-        return False
-    try:
-        with open(p, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
 
 
 def _remove_case(*, image_file: str | None, lesion_mask_file: str | None, lesion_box: Any, breast_mask_file: str | None,
