@@ -263,7 +263,9 @@ def test_end_to_end_layout_regeneration_and_mix(models, prepared_dir, tmp_path):
     recs = [json.loads((out / "records" / f"{e['case_id']}.json").read_text()) for e in datalist["training"][:2]]
     parser = ConfigParser()
     parser.read_config(CONFIGS)
-    parser.update({"ckpt_dir": str(models), "prepared_dir": str(prepared_dir), "ddim_steps": 2, "progress": False})
+    # a bare ConfigParser has no running workflow to find the bundle from: name it (model-zoo default ".")
+    parser.update({"bundle_root": str(REPO / "bundle"), "ckpt_dir": str(models), "prepared_dir": str(prepared_dir),
+                   "ddim_steps": 2, "progress": False})
     network = parser.get_parsed_content("network")
     network.load_state_dict(torch.load(models / "model.pt", weights_only=True)["model"])
     inferer = parser.get_parsed_content("inferer")

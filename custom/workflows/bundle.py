@@ -64,16 +64,12 @@ def current_workflow() -> ConfigWorkflow | None:
     return None
 
 
-def bundle_root(default: str | None = None) -> str:
-    """Absolute path of the bundle whose configs are running (the parent of their ``configs/`` folder). Outside a
-    ``ConfigWorkflow`` (a bare ``ConfigParser``): ``default`` when given, else the repository's ``bundle/`` folder
-    beside this package when it holds the model definition, else ``"."``."""
+def bundle_root(default: str = ".") -> str:
+    """Absolute path of the bundle whose configs are running (the parent of their ``configs/`` folder); ``default``
+    outside a ``ConfigWorkflow``."""
     wf = current_workflow()
     if wf is None:
-        if default is not None:
-            return default
-        repo_bundle = Path(__file__).resolve().parents[2] / "bundle"
-        return str(repo_bundle) if (repo_bundle / "configs" / COMMON_CONFIG).is_file() else "."
+        return default
     root = Path(wf.config_root_path)
     return str((root.parent if root.name == "configs" else root).resolve())
 
