@@ -199,7 +199,7 @@ def test_keep_the_rest_changes_only_the_dilated_lesion_region(keep_run, models, 
     cases = build_inference_cases(
         image_size=32, normaliser_file=str(Path(prepared_dir) / "feature_normalisation.json"), max_lesions=2,
         mode="keep", image_file=a["image_file"], lesion_box=a["lesion_box"], feature_file=a["feature_file"],
-        keep_dilation=int(p.get_parsed_content("keep_dilation")),
+        keep_dilation=int(p.get_parsed_content("keep_dilation_px")),
     )
     c = cases[0]
     region, lesion = c.region, c.conditions.label == 2
