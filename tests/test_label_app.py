@@ -561,7 +561,9 @@ def test_other_requests_are_answered_while_syntheses_queue(server, scene):
     box = f"{cx - r},{cy - r},{cx + r},{cy + r}"                     # inside the breast
 
     def synthesise(name: str, seed: int) -> None:
-        results[name] = server.infer(scene["id"], {"lesion_box": box, "seed": seed, "steps": 3, "result": "json"})
+        # 100 steps (the tiny model's maximum): with the model kept loaded, 3 steps end before the next request is
+        # even queued, and the queue states below would never be seen
+        results[name] = server.infer(scene["id"], {"lesion_box": box, "seed": seed, "steps": 100, "result": "json"})
 
     def queue_state() -> dict:
         return server.json("/info/")["queue"]
@@ -570,7 +572,7 @@ def test_other_requests_are_answered_while_syntheses_queue(server, scene):
         deadline = time.time() + timeout
         while not predicate():
             assert time.time() < deadline, f"timed out waiting for {what}: {queue_state()}\n{server.log_tail()}"
-            time.sleep(0.2)
+            time.sleep(0.02)
 
     first = threading.Thread(target=synthesise, args=("first", 11))
     first.start()
