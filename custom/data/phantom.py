@@ -328,7 +328,7 @@ def _area_class(seed: int, study_index: int, image_index: int) -> str:
 
 def _render(
     seed: int, study_index: int, image_index: int, shape: tuple[int, int], density: str, g: int,
-    vendor: str = "HOLOGIC", area_class: str = "medium",
+    vendor: str = "HOLOGIC", area_class: str = "medium", texture_seed: int | None = None,
 ) -> _Rendered:
     h, w = shape
     laterality, view = VIEWS[image_index]
@@ -343,6 +343,12 @@ def _render(
     # parenchyma: power-law texture, thresholded softly into glandular tissue according to the density
     texture = _powerlaw_noise((h, w), rng.uniform(2.5, 3.5), rng)
     fine = _powerlaw_noise((h, w), rng.uniform(1.6, 2.2), rng)
+    if texture_seed is not None:
+        # a texture sibling: the same draws are consumed from ``rng`` (so outline, masses and tags are unchanged),
+        # only the parenchyma noise fields come from an independent generator
+        trng = np.random.default_rng([int(seed), int(study_index), int(image_index), 1000 + int(texture_seed)])
+        texture = _powerlaw_noise((h, w), trng.uniform(2.5, 3.5), trng)
+        fine = _powerlaw_noise((h, w), trng.uniform(1.6, 2.2), trng)
     envelope = np.clip((dist - 0.03 * w) / (0.09 * w), 0.0, 1.0)
     inner = envelope > 0.5
     frac = _DENSITY_GLAND_FRACTION[density] * rng.uniform(0.85, 1.15)
@@ -706,12 +712,18 @@ class PhantomImage:
 
 
 def phantom_image(
-    seed: int, study_index: int, image_index: int, image_shape: tuple[int, int] = (640, 512)
+    seed: int, study_index: int, image_index: int, image_shape: tuple[int, int] = (640, 512),
+    texture_seed: int | None = None,
 ) -> PhantomImage:
     """Synthesize image ``image_index`` (0..3 = L-CC, L-MLO, R-CC, R-MLO) of study ``study_index``.
 
     A pure function of its arguments (the dataset generator writes exactly this image), so a single image can
     be regenerated, e.g. to check that a compressed file decodes to ``stored`` exactly.
+
+    ``texture_seed``: ``None`` gives the dataset's image; an integer gives a *texture sibling*: the same breast
+    outline, pectoral muscle, masses, tags and grayscale variant with an independent parenchymal texture. Siblings
+    are real images of one generation condition (breast mask + lesions), the reference for how much samples of one
+    condition may differ (:mod:`custom.metrics.diversity_reference`).
     """
     seed, study_index, image_index = int(seed), int(study_index), int(image_index)
     if not 0 <= image_index < len(VIEWS):
@@ -728,7 +740,7 @@ def phantom_image(
         "image_id": _hex_id(seed, "image", study_index, image_index),
     }
     v = image_variant(g)
-    rendered = _render(seed, study_index, image_index, shape, density, g, vendor, area_class)
+    rendered = _render(seed, study_index, image_index, shape, density, g, vendor, area_class, texture_seed)
     ds, stored = _build_dataset(seed=seed, study_index=study_index, image_index=image_index, ids=ids,
                                 r=rendered, v=v, shape=shape, age=age, vendor=vendor)
     lesion_free = None
