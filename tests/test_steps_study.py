@@ -22,6 +22,11 @@ def test_bad_options_fail_before_any_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--prepared_dir", str(tmp_path), "--ckpt_dir", str(tmp_path), "--output_dir", str(tmp_path / "o")])
     assert "autoencoder.pt not found" in capsys.readouterr().err
+    for name in ("autoencoder.pt", "model.pt", "segmenter.pt"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(SystemExit):  # no diffusion_info.json: the model's image size is unknown
+        main(["--prepared_dir", str(tmp_path), "--ckpt_dir", str(tmp_path), "--output_dir", str(tmp_path / "o")])
+    assert "no image_size" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--prepared_dir", str(tmp_path), "--ckpt_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"), "--steps", "0"])
     assert not (tmp_path / "o").exists()
@@ -32,9 +37,11 @@ def test_outputs_table_curve_and_json(tmp_path):
              "frd": 10.0 - s / 10, "ms_ssim": 0.9, "breast_iou": 0.95, "metrics_file": "x"} for s in (10, 20)]
     rows.append({"setting": "steps20_eta1.0", "ddim_steps": 20, "ddim_eta": 1.0, "seconds": 1.0, "mass_iou": None,
                  "ceiling_mass_iou": None, "frd": None, "ms_ssim": 0.8, "breast_iou": None, "metrics_file": "y"})
-    write_outputs(rows, 0.4, tmp_path)
+    refs = {"image_size": 128, "real_pairs_ms_ssim": 0.4, "texture_siblings_ms_ssim": 0.75}
+    write_outputs(rows, refs, tmp_path)
     data = json.loads((tmp_path / "steps_study.json").read_text())
-    assert data["real_vs_real_ms_ssim"] == 0.4 and len(data["rows"]) == 3
+    assert data["references"] == refs and len(data["rows"]) == 3
     table = (tmp_path / "steps_study.md").read_text()
-    assert "| steps10 | 10 |" in table and "| steps20_eta1.0 | 20 | 1.0 |" in table and "0.4000" in table
+    assert "| steps10 | 10 |" in table and "| steps20_eta1.0 | 20 | 1.0 |" in table
+    assert "at 128 px" in table and "0.4000" in table and "0.7500" in table
     assert (tmp_path / "steps_vs_quality.png").stat().st_size > 1000

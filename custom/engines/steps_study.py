@@ -43,21 +43,34 @@ def parse_setting(text: str) -> dict[str, Any]:
     return out
 
 
-def real_vs_real_ms_ssim(prepared_dir: str | Path, split: str = "test", max_images: int = 16) -> float | None:
-    """Mean MS-SSIM between pairs of *different* real images of ``split`` (the reference for sample diversity)."""
-    from PIL import Image
+def diversity_references(prepared_dir: str | Path, image_size: int, siblings: bool = True,
+                         n_cases: int = 3, n_siblings: int = 4) -> dict[str, Any]:
+    """The two diversity references at the model's ``image_size`` (:mod:`custom.metrics.diversity_reference`):
+    different real test images, and (phantom only) texture siblings = real images of one condition."""
+    from custom.metrics.diversity_reference import real_pairs_ms_ssim, texture_sibling_ms_ssim
 
-    from custom.data.training import load_prepared_datalist
-    from custom.metrics.image_quality import ms_ssim_diversity
+    out: dict[str, Any] = {"image_size": int(image_size)}
+    try:
+        out["real_pairs_ms_ssim"] = real_pairs_ms_ssim(prepared_dir, image_size)["ms_ssim_mean"]
+    except ValueError:
+        out["real_pairs_ms_ssim"] = None
+    out["texture_siblings_ms_ssim"] = None
+    if siblings:
+        try:
+            out["texture_siblings_ms_ssim"] = texture_sibling_ms_ssim(prepared_dir, image_size, n_cases=n_cases,
+                                                                      n_siblings=n_siblings)["ms_ssim_mean"]
+        except ValueError:  # not phantom data
+            pass
+    return out
 
-    items = load_prepared_datalist(str(prepared_dir), split, max_lesions=2)[:max_images]
-    if len(items) < 2:
-        return None
-    imgs = []
-    for it in items:
-        with Image.open(it["image"]) as im:
-            imgs.append(np.asarray(im, dtype=np.float32) / 65535.0)
-    return float(ms_ssim_diversity(np.stack(imgs)[:, None])["ms_ssim_mean"])
+
+def model_image_size(ckpt_dir: str | Path) -> int:
+    """The model's image side from ``diffusion_info.json`` (written by stage-2 training)."""
+    info = Path(ckpt_dir) / "diffusion_info.json"
+    try:
+        return int(json.loads(info.read_text())["image_size"])
+    except (OSError, KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
+        raise ValueError(f"{info}: no image_size ({err})") from None
 
 
 def run_setting(name: str, overrides: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -77,13 +90,15 @@ def run_setting(name: str, overrides: dict[str, Any], args: argparse.Namespace) 
             "breast_iou": m.get("breast_iou"), "metrics_file": str(metrics_file)}
 
 
-def write_outputs(rows: Sequence[dict[str, Any]], reference: float | None, output_dir: Path) -> None:
+def write_outputs(rows: Sequence[dict[str, Any]], references: dict[str, Any], output_dir: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    (output_dir / "steps_study.json").write_text(json.dumps({"real_vs_real_ms_ssim": reference, "rows": list(rows)}, indent=2))
+    reference = references.get("real_pairs_ms_ssim")
+    siblings = references.get("texture_siblings_ms_ssim")
+    (output_dir / "steps_study.json").write_text(json.dumps({"references": references, "rows": list(rows)}, indent=2))
     fmt = lambda v: "n/a" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
     lines = ["| setting | DDIM steps | eta | guidance | Mass IoU (ceiling) | FRD | MS-SSIM same condition | seconds |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -91,7 +106,9 @@ def write_outputs(rows: Sequence[dict[str, Any]], reference: float | None, outpu
         lines.append(f"| {r['setting']} | {r.get('ddim_steps')} | {r.get('ddim_eta', 'config')} | "
                      f"{r.get('guidance_scale', 'config')} | {fmt(r['mass_iou'])} ({fmt(r['ceiling_mass_iou'])}) | "
                      f"{fmt(r['frd'])} | {fmt(r['ms_ssim'])} | {r['seconds']} |")
-    lines.append(f"\nMS-SSIM between different real test images (diversity reference): {fmt(reference)}\n")
+    lines.append(f"\nDiversity references at {references.get('image_size')} px: MS-SSIM between different real test "
+                 f"images {fmt(reference)}; among real images of one condition (phantom texture siblings) "
+                 f"{fmt(siblings)}\n")
     (output_dir / "steps_study.md").write_text("\n".join(lines))
     curve = sorted((r for r in rows if set(r) >= {"ddim_steps"} and "ddim_eta" not in r and "guidance_scale" not in r),
                    key=lambda r: r["ddim_steps"])
@@ -105,12 +122,15 @@ def write_outputs(rows: Sequence[dict[str, Any]], reference: float | None, outpu
             ax.axhline(curve[0]["ceiling_mass_iou"], ls="--", c="grey", label="segmenter ceiling (real)")
             ax.legend(fontsize=7)
         if key == "ms_ssim" and reference is not None:
-            ax.axhline(reference, ls="--", c="grey", label="real vs real")
+            ax.axhline(reference, ls="--", c="grey", label="different real images")
+            ax.legend(fontsize=7)
+        if key == "ms_ssim" and siblings is not None:
+            ax.axhline(siblings, ls=":", c="k", label="real, one condition (siblings)")
             ax.legend(fontsize=7)
         ax.set_xlabel("DDIM steps")
         ax.set_title(title, fontsize=9)
         ax.set_xticks(steps)
-    fig.suptitle("Steps vs quality — phantom data, short-trained default model (not the paper's numbers)", fontsize=9)
+    fig.suptitle("Steps vs quality — phantom data (not the paper's numbers)", fontsize=9)
     fig.tight_layout()
     fig.savefig(output_dir / "steps_vs_quality.png", dpi=110)
     plt.close(fig)
@@ -126,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--base_steps", type=int, default=20)
     ap.add_argument("--diversity_cases", type=int, default=3)
     ap.add_argument("--diversity_samples", type=int, default=4)
+    ap.add_argument("--no_siblings", action="store_true", help="skip the phantom texture-sibling reference")
     args = ap.parse_args(argv)
     for s in args.steps:
         if s < 1:
@@ -134,6 +155,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for ckpt in ("autoencoder.pt", "model.pt", "segmenter.pt"):
         if not (Path(args.ckpt_dir) / ckpt).is_file():
             ap.error(f"--ckpt_dir: {Path(args.ckpt_dir) / ckpt} not found")
+    try:
+        image_size = model_image_size(args.ckpt_dir)
+    except ValueError as err:
+        ap.error(f"--ckpt_dir: {err}")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     common = {"diversity_cases": args.diversity_cases, "diversity_samples": args.diversity_samples}
@@ -141,10 +166,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for text, ov in extra:
         name = "steps{}_{}".format(ov.get("ddim_steps", args.base_steps), text.replace("=", "").replace(",", "_"))
         rows.append(run_setting(name, {"ddim_steps": args.base_steps, **ov, **common}, args))
-    reference = real_vs_real_ms_ssim(args.prepared_dir)
-    write_outputs(rows, reference, out)
+    references = diversity_references(args.prepared_dir, image_size, siblings=not args.no_siblings,
+                                      n_cases=args.diversity_cases, n_siblings=args.diversity_samples)
+    write_outputs(rows, references, out)
     print((out / "steps_study.md").read_text())
-    return {"rows": rows, "real_vs_real_ms_ssim": reference}
+    return {"rows": rows, "references": references}
 
 
 if __name__ == "__main__":
