@@ -81,3 +81,12 @@ def test_real_pairs_reference_is_the_mean_over_all_pairs(prepared_dir):
     assert out["n_images"] == 3 and out["ms_ssim_n_pairs"] == 3
     with pytest.raises(ValueError, match="need at least 2"):
         real_pairs_ms_ssim(prepared_dir, 32, split="training", max_images=1)
+
+
+def test_roundtrip_reference_measures_what_survives_stage_1(prepared_dir):
+    identity = texture_sibling_ms_ssim(prepared_dir, 32, split="training", n_cases=1, n_siblings=3,
+                                       roundtrip=lambda x: x)
+    assert identity["roundtrip_ms_ssim_mean"] == pytest.approx(identity["ms_ssim_mean"], abs=1e-6)
+    flat = texture_sibling_ms_ssim(prepared_dir, 32, split="training", n_cases=1, n_siblings=3,
+                                   roundtrip=lambda x: x.mean(dim=(2, 3), keepdim=True).expand_as(x).clone() * 0 + 0.5)
+    assert flat["roundtrip_ms_ssim_mean"] == pytest.approx(1.0, abs=1e-5)  # a stage 1 that erases everything

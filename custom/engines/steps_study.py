@@ -43,10 +43,29 @@ def parse_setting(text: str) -> dict[str, Any]:
     return out
 
 
+def stage1_roundtrip(ckpt_dir: str | Path):
+    """``x -> decode(encode(x))`` through the model folder's stage-1 autoencoder (built from ``common.json`` and the
+    checkpoint's own record, checksum-verified)."""
+    from monai.bundle import ConfigParser
+
+    from custom.checkpoints import load_checkpoint
+    from custom.engines.diffusion import FrozenLatentEncoder
+
+    path = Path(ckpt_dir) / "autoencoder.pt"
+    record = load_checkpoint(path, "cpu", what="stage-1 checkpoint").get("model_config")
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundle" / "configs" / "common.json"))
+    if record:
+        parser.update(json.loads(record))
+    encoder = FrozenLatentEncoder(parser.get_parsed_content("autoencoder_def"), path)
+    return lambda x: encoder.decode(encoder.encode(x))
+
+
 def diversity_references(prepared_dir: str | Path, image_size: int, siblings: bool = True,
-                         n_cases: int = 3, n_siblings: int = 4) -> dict[str, Any]:
-    """The two diversity references at the model's ``image_size`` (:mod:`custom.metrics.diversity_reference`):
-    different real test images, and (phantom only) texture siblings = real images of one condition."""
+                         n_cases: int = 3, n_siblings: int = 4, roundtrip=None) -> dict[str, Any]:
+    """The diversity references at the model's ``image_size`` (:mod:`custom.metrics.diversity_reference`):
+    different real test images, (phantom only) texture siblings = real images of one condition, and those
+    siblings after the stage-1 round trip (``roundtrip``) = the most diversity stage 2 can show."""
     from custom.metrics.diversity_reference import real_pairs_ms_ssim, texture_sibling_ms_ssim
 
     out: dict[str, Any] = {"image_size": int(image_size)}
@@ -54,13 +73,15 @@ def diversity_references(prepared_dir: str | Path, image_size: int, siblings: bo
         out["real_pairs_ms_ssim"] = real_pairs_ms_ssim(prepared_dir, image_size)["ms_ssim_mean"]
     except ValueError:
         out["real_pairs_ms_ssim"] = None
-    out["texture_siblings_ms_ssim"] = None
+    out["texture_siblings_ms_ssim"] = out["stage1_siblings_ms_ssim"] = None
     if siblings:
         try:
-            out["texture_siblings_ms_ssim"] = texture_sibling_ms_ssim(prepared_dir, image_size, n_cases=n_cases,
-                                                                      n_siblings=n_siblings)["ms_ssim_mean"]
+            ref = texture_sibling_ms_ssim(prepared_dir, image_size, n_cases=n_cases, n_siblings=n_siblings,
+                                          roundtrip=roundtrip)
         except ValueError:  # not phantom data
-            pass
+            return out
+        out["texture_siblings_ms_ssim"] = ref["ms_ssim_mean"]
+        out["stage1_siblings_ms_ssim"] = ref.get("roundtrip_ms_ssim_mean")
     return out
 
 
@@ -108,7 +129,8 @@ def write_outputs(rows: Sequence[dict[str, Any]], references: dict[str, Any], ou
                      f"{fmt(r['frd'])} | {fmt(r['ms_ssim'])} | {r['seconds']} |")
     lines.append(f"\nDiversity references at {references.get('image_size')} px: MS-SSIM between different real test "
                  f"images {fmt(reference)}; among real images of one condition (phantom texture siblings) "
-                 f"{fmt(siblings)}\n")
+                 f"{fmt(siblings)}; the same siblings after the stage-1 round trip (the most any sampler can show) "
+                 f"{fmt(references.get('stage1_siblings_ms_ssim'))}\n")
     (output_dir / "steps_study.md").write_text("\n".join(lines))
     curve = sorted((r for r in rows if set(r) >= {"ddim_steps"} and "ddim_eta" not in r and "guidance_scale" not in r),
                    key=lambda r: r["ddim_steps"])
@@ -167,7 +189,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         name = "steps{}_{}".format(ov.get("ddim_steps", args.base_steps), text.replace("=", "").replace(",", "_"))
         rows.append(run_setting(name, {"ddim_steps": args.base_steps, **ov, **common}, args))
     references = diversity_references(args.prepared_dir, image_size, siblings=not args.no_siblings,
-                                      n_cases=args.diversity_cases, n_siblings=args.diversity_samples)
+                                      n_cases=args.diversity_cases, n_siblings=args.diversity_samples,
+                                      roundtrip=stage1_roundtrip(args.ckpt_dir))
     write_outputs(rows, references, out)
     print((out / "steps_study.md").read_text())
     return {"rows": rows, "references": references}

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from custom.data.prepare import PreprocessSettings, preprocess_case
 from custom.data.training import load_prepared_datalist
 from custom.metrics.image_quality import ms_ssim_diversity
 
-__all__ = ["load_model_frame", "real_pairs_ms_ssim", "phantom_source", "texture_sibling_ms_ssim"]
+__all__ = ["load_model_frame", "real_pairs_ms_ssim", "phantom_source", "sibling_frames", "texture_sibling_ms_ssim"]
 
 
 def load_model_frame(path: str | Path, image_size: int) -> np.ndarray:
@@ -120,9 +120,14 @@ def sibling_frames(record: dict[str, Any], texture_seeds: Sequence[int | None], 
 
 
 def texture_sibling_ms_ssim(prepared_dir: str | Path, image_size: int, split: str = "test", n_cases: int = 3,
-                            n_siblings: int = 4, require_lesion: bool = True) -> dict:
+                            n_siblings: int = 4, require_lesion: bool = True,
+                            roundtrip: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
     """Mean MS-SSIM among texture siblings, per condition then averaged, for the first ``n_cases`` phantom
-    images of ``split`` (with a lesion when ``require_lesion``, as the evaluation's diversity conditions are)."""
+    images of ``split`` (with a lesion when ``require_lesion``, as the evaluation's diversity conditions are).
+
+    ``roundtrip``: optionally a map ``(N, 1, S, S) -> (N, 1, S, S)`` in [0, 1] (the stage-1 autoencoder's
+    encode + decode); then ``roundtrip_ms_ssim_mean`` is the same measure on the round-tripped siblings: how much
+    of the real images' difference survives stage 1, i.e. the best diversity any stage-2 sampler can reach."""
     datalist = json.loads((Path(prepared_dir) / "datalist.json").read_text())
     items = datalist.get(split) or []
     per_case = []
@@ -134,8 +139,16 @@ def texture_sibling_ms_ssim(prepared_dir: str | Path, image_size: int, split: st
         if phantom_source(it) is None:
             continue
         frames = sibling_frames(it, list(range(int(n_siblings))), image_size)
-        per_case.append({"case_id": it.get("case_id"), **ms_ssim_diversity(frames)})
+        row = {"case_id": it.get("case_id"), **ms_ssim_diversity(frames)}
+        if roundtrip is not None:
+            with torch.no_grad():
+                rt = roundtrip(torch.from_numpy(frames).float()).clamp(0.0, 1.0)
+            row["roundtrip_ms_ssim_mean"] = ms_ssim_diversity(rt)["ms_ssim_mean"]
+        per_case.append(row)
     if not per_case:
         raise ValueError(f"{prepared_dir}: no phantom image in split {split!r} (texture siblings need the phantom)")
-    return {"ms_ssim_mean": float(np.mean([c["ms_ssim_mean"] for c in per_case])), "n_cases": len(per_case),
-            "n_siblings": int(n_siblings), "per_case": per_case}
+    out = {"ms_ssim_mean": float(np.mean([c["ms_ssim_mean"] for c in per_case])), "n_cases": len(per_case),
+           "n_siblings": int(n_siblings), "per_case": per_case}
+    if roundtrip is not None:
+        out["roundtrip_ms_ssim_mean"] = float(np.mean([c["roundtrip_ms_ssim_mean"] for c in per_case]))
+    return out
