@@ -90,3 +90,24 @@ def test_roundtrip_reference_measures_what_survives_stage_1(prepared_dir):
     flat = texture_sibling_ms_ssim(prepared_dir, 32, split="training", n_cases=1, n_siblings=3,
                                    roundtrip=lambda x: x.mean(dim=(2, 3), keepdim=True).expand_as(x).clone() * 0 + 0.5)
     assert flat["roundtrip_ms_ssim_mean"] == pytest.approx(1.0, abs=1e-5)  # a stage 1 that erases everything
+
+
+def test_diversity_figure_rows_from_an_evaluation_folder(prepared_dir, tmp_path):
+    from PIL import Image
+
+    from custom.engines.figures import diversity_figure
+
+    rec = next(r for r in _raw_records(prepared_dir) if r["num_lesions"] > 0)
+    gen = tmp_path / "eval" / "generated"
+    gen.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        Image.fromarray((rng.random((32, 32)) * 65535).astype(np.uint16)).save(gen / f"{rec['case_id']}_seed{k}.png")
+    Image.fromarray(np.zeros((32, 32), np.uint16)).save(gen / "other_seed0.png")  # one seed only: not a condition row
+    out = diversity_figure(tmp_path / "eval", prepared_dir, tmp_path / "grid.png")
+    with Image.open(out) as im:
+        assert im.size[0] > im.size[1] > 100  # one row of 1 + 2 * 3 panels
+    empty = tmp_path / "empty"
+    (empty / "generated").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no condition with two or more seeds"):
+        diversity_figure(empty, prepared_dir, tmp_path / "grid2.png")

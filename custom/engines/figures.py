@@ -3,15 +3,19 @@
 Reads the loss-curve CSVs the training handlers write (``runs/autoencoder/loss_curve.csv``,
 ``runs/diffusion/losses.csv``) and plots them (``loss_curves.png``); copies the latest stage-2 sample grid
 (``runs/diffusion/samples/*.png``) to ``sample_grid.png``, the latest stage-1 reconstruction grid to
-``reconstruction_grid.png`` and the latest evaluation figure grid to ``evaluation_grid.png``.
+``reconstruction_grid.png`` and the latest evaluation figure grid to ``evaluation_grid.png``. With
+``--diversity_eval EVAL_DIR --prepared_dir P`` it also draws ``diversity_grid.png`` (:func:`diversity_figure`).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import shutil
 from pathlib import Path
+
+import numpy as np
 
 from custom.io import atomic_path
 
@@ -65,14 +69,84 @@ def _latest(folder: Path, pattern: str = "*.png") -> Path | None:
     return files[-1] if files else None
 
 
+def diversity_figure(eval_dir: str | Path, prepared_dir: str | Path, output: str | Path, n_cases: int = 2,
+                     title: str = "") -> Path:
+    """Samples of one condition next to real images of that condition.
+
+    One row per diversity condition of an ``evaluate`` run (cases with several seeds in ``eval_dir/generated``,
+    files ``<case>_seed<k>.png``): the conditioning label map | the generated seeds | phantom *texture siblings* of
+    the case's real image (same breast, lesions and tags, independent parenchyma:
+    :func:`custom.metrics.diversity_reference.sibling_frames`), with each row's mean pairwise MS-SSIM in the
+    titles. Phantom data only (siblings need the phantom generator)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from custom.metrics.diversity_reference import sibling_frames
+    from custom.metrics.image_quality import ms_ssim_diversity
+
+    gen_dir = Path(eval_dir) / "generated"
+    seeds: dict[str, list[Path]] = {}
+    for f in sorted(gen_dir.glob("*_seed*.png")):
+        case, _, k = f.stem.rpartition("_seed")
+        if k.isdigit():
+            seeds.setdefault(case, []).append(f)
+    conditions = [(c, fs) for c, fs in seeds.items() if len(fs) >= 2][: int(n_cases)]
+    if not conditions:
+        raise ValueError(f"{gen_dir}: no condition with two or more seeds (run evaluate with diversity_samples >= 2)")
+    datalist = json.loads((Path(prepared_dir) / "datalist.json").read_text())
+    records = {r["case_id"]: r for split in ("training", "validation", "test") for r in datalist.get(split, [])}
+    n_seeds = max(len(fs) for _, fs in conditions)
+    fig, axes = plt.subplots(len(conditions), 1 + 2 * n_seeds, figsize=(1.6 * (1 + 2 * n_seeds), 1.8 * len(conditions)),
+                             squeeze=False)
+    for row, (case, files) in enumerate(conditions):
+        gen = np.stack([np.asarray(Image.open(f), dtype=np.float32) / 65535.0 for f in files])
+        size = gen.shape[-1]
+        rec = records.get(case)
+        if rec is None:
+            raise ValueError(f"{prepared_dir}: case {case!r} of {eval_dir} is not in the datalist")
+        sib = sibling_frames(rec, list(range(len(files))), size)[:, 0]
+        label = np.asarray(Image.open(Path(prepared_dir) / rec["label"]).resize((size, size), Image.NEAREST))
+        m_gen = ms_ssim_diversity(gen[:, None])["ms_ssim_mean"]
+        m_sib = ms_ssim_diversity(sib[:, None])["ms_ssim_mean"]
+        axes[row, 0].imshow(label, cmap="viridis", vmin=0, vmax=2)
+        axes[row, 0].set_title("condition", fontsize=7)
+        for k in range(n_seeds):
+            for col, imgs, name, m in ((1 + k, gen, "generated", m_gen), (1 + n_seeds + k, sib, "real sibling", m_sib)):
+                ax = axes[row, col]
+                if k < len(imgs):
+                    ax.imshow(imgs[k], cmap="gray", vmin=0, vmax=1)
+                    ax.set_title(f"{name} {k}" + (f"\nMS-SSIM {m:.2f}" if k == 0 else ""), fontsize=7)
+        for ax in axes[row]:
+            ax.axis("off")
+    fig.suptitle(title or "Samples of one condition (seeds) vs real phantom images of that condition (texture siblings)",
+                 fontsize=9)
+    fig.tight_layout()
+    target = Path(output)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return target
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default="runs")
     ap.add_argument("--output", default="bundle/docs/images")
+    ap.add_argument("--diversity_eval", default=None,
+                    help="an evaluate output folder: also write diversity_grid.png (needs --prepared_dir; phantom only)")
+    ap.add_argument("--prepared_dir", default=None)
     args = ap.parse_args(argv)
+    if args.diversity_eval and not args.prepared_dir:
+        ap.error("--diversity_eval needs --prepared_dir")
     runs, output = Path(args.runs), Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     written = [plot_loss_curves(runs, output)]
+    if args.diversity_eval:
+        written.append(diversity_figure(args.diversity_eval, args.prepared_dir, output / "diversity_grid.png"))
     evaluation = sorted((runs / "evaluation").glob("*/figure_grid.png"), key=lambda p: p.stat().st_mtime)
     for src, name in ((_latest(runs / "diffusion" / "samples"), "sample_grid.png"),
                       (runs / "autoencoder" / "reconstruction_latest.png", "reconstruction_grid.png"),
