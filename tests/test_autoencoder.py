@@ -352,6 +352,28 @@ def test_mask_training_replaces_images_by_soft_mask_channels():
     assert torch.equal(x0, batch["image"])
 
 
+def test_crop_training_takes_one_window_per_sample_reproducibly():
+    h, w, c = 12, 10, 4
+    grid = torch.arange(h * w, dtype=torch.float32).reshape(1, 1, h, w)
+    batch = {"image": grid.repeat(6, 1, 1, 1) + 1000 * torch.arange(6.0).view(6, 1, 1, 1)}
+    prep = ImagePrepareBatch(crop_size=c)
+    torch.manual_seed(3)
+    x, y = prep(batch)
+    assert x is y and x.shape == (6, 1, c, c)
+    for i in range(6):
+        win = x[i, 0] - 1000 * i  # the sample's own image (offset by 1000 * i), a contiguous window of it
+        y0, x0 = divmod(int(win[0, 0]), w)
+        assert torch.equal(win, grid[0, 0, y0 : y0 + c, x0 : x0 + c])
+    torch.manual_seed(3)
+    assert torch.equal(prep(batch)[0], x)  # the torch RNG alone decides the windows (resumable)
+    full, _ = ImagePrepareBatch(crop_size=16)(batch)  # a window as large as the image: the whole image
+    assert torch.equal(full, batch["image"])
+    with pytest.raises(ValueError, match="larger than the 12x10"):
+        ImagePrepareBatch(crop_size=11)(batch)
+    with pytest.raises(ValueError, match="crop_size"):
+        ImagePrepareBatch(crop_size=0)
+
+
 # ---------------------------------------------------------------------------------------------- scale factor
 def test_scale_factor_is_one_over_the_std_of_the_latents():
     torch.manual_seed(0)

@@ -111,12 +111,34 @@ class ImagePrepareBatch(PrepareBatch):
             uniformly chosen channel of ``batch[mask_key]`` (the soft mask ``(B, 3, H, W)``). Stage 2 encodes every
             soft-mask channel with this 1-channel autoencoder, so it should have seen such inputs. The draws use the
             torch RNG (reseeded per epoch by :class:`EpochSeedHandler`), the same number every batch.
+        crop_size: train on one random ``crop_size x crop_size`` window per sample instead of the whole image
+            (``None``: whole images). The autoencoder is fully convolutional, so it is trained on windows and used
+            on whole images; a 64-pixel window costs a quarter of a 128-pixel image, so the same time buys four
+            times the optimiser steps (measured: stage 1 at 128 px reached the 64-px model's quality only with
+            crops inside the ``make train`` budget). Offsets come from the torch RNG (2 draws per sample), so
+            resumed runs see the same windows.
     """
 
-    def __init__(self, image_key: str = "image", mask_key: str | None = None, mask_prob: float = 0.0):
+    def __init__(self, image_key: str = "image", mask_key: str | None = None, mask_prob: float = 0.0,
+                 crop_size: int | None = None):
         if not 0.0 <= float(mask_prob) <= 1.0:
             raise ValueError(f"mask_prob must be in [0, 1], got {mask_prob}")
+        if crop_size is not None and int(crop_size) < 1:
+            raise ValueError(f"crop_size must be a positive number of pixels or None, got {crop_size}")
         self.image_key, self.mask_key, self.mask_prob = image_key, mask_key, float(mask_prob)
+        self.crop_size = None if crop_size is None else int(crop_size)
+
+    def _crop(self, img: torch.Tensor) -> torch.Tensor:
+        """One random ``crop_size`` window per sample of ``(B, C, H, W)``."""
+        c = self.crop_size
+        b, _, h, w = img.shape
+        if c is None or (c >= h and c >= w):
+            return img
+        if c > h or c > w:
+            raise ValueError(f"crop_size {c} is larger than the {h}x{w} training images")
+        ys = torch.randint(0, h - c + 1, (b,))
+        xs = torch.randint(0, w - c + 1, (b,))
+        return torch.stack([img[i, :, int(y) : int(y) + c, int(x) : int(x) + c] for i, (y, x) in enumerate(zip(ys, xs))])
 
     @staticmethod
     def _tensor(x: Any) -> torch.Tensor:
@@ -137,6 +159,7 @@ class ImagePrepareBatch(PrepareBatch):
             if bool(use.any()):
                 chosen = masks[torch.arange(b), channel].unsqueeze(1).to(img.dtype)
                 img = torch.where(use.view(b, *([1] * (img.ndim - 1))), chosen, img)
+        img = self._crop(img)
         img = img.to(device=device, non_blocking=non_blocking, **kwargs)
         return img, img
 
