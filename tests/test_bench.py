@@ -16,13 +16,18 @@ def test_bench_tiny_writes_every_section(tmp_path):
     names = " ".join(r.split("|")[1] for r in rows)
     for expected in ("GEMM peak", "parameters, default UNet", "training step, default UNet", "sampling step (CFG forward)",
                      "achieved FLOP/s", "sampling, default config", "batching the rows", "lesion context once",
-                     "radiomics, 1 process", "preprocessing 204x166 uncompressed", "preprocessing 204x166 JPEG 2000"):
+                     "radiomics, 1 process", "preprocessing 204x166 uncompressed", "preprocessing 204x166 JPEG 2000",
+                     "JPEG 2000, reduced decoding"):
         assert expected in names, expected
     # the peer comparison has the diffusers column and identical parameter counts
     params = next(r for r in rows if "parameters, default UNet" in r)
     got = re.findall(r"project ([\d.]+) M / diffusers ([\d.]+) M", params)
     assert got and got[0][0] == got[0][1] and "identical configuration" in params
     assert all("nan" not in r.split("|")[2] for r in rows)
+    # the preprocessing rows are ratios to the pydicom+numpy baseline, per core, with the reduced decoding's agreement
+    reduced = next(r for r in rows if "reduced decoding" in r)
+    assert "x the pydicom+numpy baseline" in reduced and re.search(r"PSNR [\d.]+ dB", reduced)
+    assert re.search(r"breast IoU 0\.9\d+|breast IoU 1\.0", reduced)
 
 
 def test_diffusers_peer_has_the_projects_parameter_count():
