@@ -575,6 +575,14 @@ def run(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def kept_sections(previous: str) -> list[str]:
+    """The ``<!-- NAME:begin --> ... <!-- NAME:end -->`` blocks of a previous benchmarks file, in order: sections
+    written by other commands, which a ``make bench`` rerun keeps."""
+    import re
+
+    return [m.group(0) for m in re.finditer(r"<!-- ([\w-]+):begin -->.*?<!-- \1:end -->", previous, flags=re.S)]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", default=str(REPO / "bundle" / "docs" / "benchmarks.md"))
@@ -592,11 +600,8 @@ def main(argv: list[str] | None = None) -> None:
     text = run(args)
     from custom.io import atomic_write_text
 
-    try:  # keep the section `make gpu-check` wrote on a CUDA machine
-        previous = Path(args.output).read_text()
-        begin, end = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
-        if begin in previous and end in previous:
-            text += "\n" + begin + previous.split(begin, 1)[1].split(end, 1)[0] + end + "\n"
+    try:  # keep the marked sections other commands wrote (`make gpu-check`, the MONAI Label latency bench, ...)
+        text += "".join(f"\n{block}\n" for block in kept_sections(Path(args.output).read_text()))
     except OSError:
         pass
     atomic_write_text(args.output, text)

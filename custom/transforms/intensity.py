@@ -89,9 +89,11 @@ def apply_dicom_grayscale(
         if np.array_equal(as_int, stored):
             stored = as_int
     if use_table and has_voi and np.issubdtype(stored.dtype, np.integer) and stored.size:
-        # unsigned values up to 16 bits index a table from 0 directly (no shifted int64 copy of the image)
-        direct = stored.dtype.kind == "u" and stored.dtype.itemsize <= 2
-        lo, hi = (0, int(stored.max())) if direct else (int(stored.min()), int(stored.max()))
+        # non-negative values index a table built from 0 directly (no shifted int64 copy of the image; MONAI hands
+        # uint16 stored values over as int32)
+        lo, hi = int(stored.min()), int(stored.max())
+        direct = lo >= 0
+        lo = 0 if direct else lo
         if hi - lo < _TABLE_MAX_VALUES and hi - lo + 1 < stored.size:
             # every stored value of the range once through the per-pixel pipeline (padding included: it is a
             # function of the stored value), then one look-up per pixel
