@@ -13,6 +13,7 @@ Source-patient identifiers are deliberately not copied into the metadata.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +23,9 @@ import numpy as np
 import pydicom
 from monai.data import ImageReader
 from monai.utils import ensure_tuple
+from PIL import Image
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragmented_frames
 from pydicom.errors import InvalidDicomError
 
 from custom.errors import MammoInputError
@@ -280,8 +283,6 @@ def decode_j2k_reduced(ds: Dataset, path: str, reduce: int | str, min_side: int 
         ``reason`` saying why the reduced path was not taken: another transfer syntax, pixel padding, a codestream
         this module does not take, ...).
     """
-    import io
-
     ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
     if ts not in J2K_TRANSFER_SYNTAXES:
         return decode_pixels(ds, path), 0, "not JPEG 2000"
@@ -289,8 +290,6 @@ def decode_j2k_reduced(ds: Dataset, path: str, reduce: int | str, min_side: int 
         return decode_pixels(ds, path), 0, "pixel padding (a padding value cannot be told apart after filtering)"
     if int(ds.get("PixelRepresentation", 0) or 0) != 0:
         return decode_pixels(ds, path), 0, "signed pixel data"
-    from pydicom.encaps import generate_fragmented_frames
-
     try:
         frame = b"".join(next(generate_fragmented_frames(ds.PixelData, number_of_frames=1)))
     except Exception as err:
@@ -305,8 +304,6 @@ def decode_j2k_reduced(ds: Dataset, path: str, reduce: int | str, min_side: int 
     if level <= 0:
         return decode_pixels(ds, path), 0, "image too small to reduce"
     try:
-        from PIL import Image
-
         with Image.open(io.BytesIO(frame), formats=["JPEG2000"]) as im:
             im.reduce = level  # Pillow passes it to OpenJPEG (opj_set_decoded_resolution_factor)
             im.load()

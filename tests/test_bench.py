@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
+
+REPO_DOCS = Path(__file__).resolve().parents[1] / "bundle" / "docs" / "benchmarks.md"
 
 
 def test_bench_tiny_writes_every_section(tmp_path):
@@ -44,3 +47,16 @@ def test_diffusers_peer_has_the_projects_parameter_count():
                                   with_conditioning=True, cross_attention_dim=cfg["cross"], **cfg["monai"])
         peer = diffusers.UNet2DConditionModel(**cfg["diffusers"])
         assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in peer.parameters()), name
+
+
+def test_bench_rerun_keeps_the_marked_sections(tmp_path):
+    """``make bench`` rewrites its own table and keeps the sections other commands wrote between markers
+    (the GPU check, the MONAI Label latency bench), in their order; unmarked text is the bench's own and goes."""
+    from custom.bench import kept_sections
+
+    previous = ("# Benchmarks\nold table\n<!-- serving-bench:begin -->\n## latency\n| 1 |\n<!-- serving-bench:end -->\n"
+                "loose text\n<!-- gpu-check:begin -->\n## GPU\nrow\n<!-- gpu-check:end -->\n<!-- broken:begin -->\nx\n")
+    kept = kept_sections(previous)
+    assert kept == ["<!-- serving-bench:begin -->\n## latency\n| 1 |\n<!-- serving-bench:end -->",
+                    "<!-- gpu-check:begin -->\n## GPU\nrow\n<!-- gpu-check:end -->"]
+    assert kept_sections(open(REPO_DOCS).read())[0].startswith("<!-- serving-bench:begin -->")

@@ -43,7 +43,7 @@ from custom.data.mask_io import load_mask_file
 from custom.data.vindr import load_vindr_cases
 from custom.errors import MammoInputError, check_path_option, option_float, option_int
 from custom.io import atomic_path, atomic_write_json
-from custom.transforms.geometry import compute_geometry
+from custom.transforms.geometry import MammoGeometry, compute_geometry
 from custom.transforms.masks import (
     breast_mask,
     label_map,
@@ -287,8 +287,6 @@ def _full_resolution_geometry(geom, level: int, full_shape: tuple[int, int]):
     """The geometry found on an image decoded ``2**level`` times smaller, expressed on the full-resolution source
     grid (crop edges times ``2**level``, clamped to the image; scale divided by it; output unchanged), so a record
     always maps its source file's pixels, to within one reduced pixel."""
-    from custom.transforms.geometry import MammoGeometry
-
     f, (h, w) = 2**level, full_shape
     y0, y1, x0, x1 = geom.crop
     return MammoGeometry((int(h), int(w)), geom.flip, (y0 * f, min(y1 * f, h), x0 * f, min(x1 * f, w)),
