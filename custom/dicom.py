@@ -23,7 +23,7 @@ import numpy as np
 import pydicom
 from monai.data import ImageReader
 from monai.utils import ensure_tuple
-from PIL import Image
+from PIL import Image, features
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragmented_frames
 from pydicom.errors import InvalidDicomError
@@ -286,6 +286,8 @@ def decode_j2k_reduced(ds: Dataset, path: str, reduce: int | str, min_side: int 
     ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
     if ts not in J2K_TRANSFER_SYNTAXES:
         return decode_pixels(ds, path), 0, "not JPEG 2000"
+    if not features.check("jpg_2000"):
+        return decode_pixels(ds, path), 0, "Pillow was built without OpenJPEG"
     if "PixelPaddingValue" in ds:
         return decode_pixels(ds, path), 0, "pixel padding (a padding value cannot be told apart after filtering)"
     if int(ds.get("PixelRepresentation", 0) or 0) != 0:
