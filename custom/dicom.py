@@ -13,6 +13,7 @@ Source-patient identifiers are deliberately not copied into the metadata.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +23,9 @@ import numpy as np
 import pydicom
 from monai.data import ImageReader
 from monai.utils import ensure_tuple
+from PIL import Image, features
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragmented_frames
 from pydicom.errors import InvalidDicomError
 
 from custom.errors import MammoInputError
@@ -30,6 +33,8 @@ from custom.errors import MammoInputError
 __all__ = [
     "MAMMOGRAPHY_SOP_CLASSES",
     "MammoDicomReader",
+    "decode_j2k_reduced",
+    "j2k_reduce_level",
     "grayscale_params",
     "header_from_params",
     "read_dicom_header",
@@ -225,6 +230,96 @@ def decode_pixels(ds: Dataset, path: str) -> np.ndarray:
     return arr
 
 
+#: JPEG 2000 transfer syntaxes whose codestream can be decoded at reduced resolution (lossless and lossy Part 1)
+J2K_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")
+
+
+def _j2k_codestream_info(stream: bytes) -> dict[str, int] | None:
+    """Precision, sign, offsets and decomposition levels of a JPEG 2000 codestream (SIZ and COD markers), or
+    ``None`` when the main header is not the plain single-component layout this module decodes at reduced size."""
+    if stream[:2] != b"\xff\x4f":  # SOC
+        return None
+    pos, info = 2, {}
+    while pos + 4 <= len(stream) and len(info) < 2:
+        marker, length = int.from_bytes(stream[pos:pos + 2], "big"), int.from_bytes(stream[pos + 2:pos + 4], "big")
+        body = stream[pos + 4:pos + 2 + length]
+        if marker == 0xFF51:  # SIZ
+            if len(body) < 39 or int.from_bytes(body[34:36], "big") != 1:
+                return None
+            ssiz = body[36]
+            info["siz"] = dict(x_offset=int.from_bytes(body[10:14], "big"), y_offset=int.from_bytes(body[14:18], "big"),
+                               precision=(ssiz & 0x7F) + 1, signed=ssiz >> 7)
+        elif marker == 0xFF52:  # COD
+            if len(body) < 6:
+                return None
+            info["levels"] = body[5]
+        elif marker in (0xFF90, 0xFF93, 0xFFD9):  # SOT, SOD, EOC: end of the main header
+            break
+        pos += 2 + length
+    if "siz" not in info or "levels" not in info:
+        return None
+    return {**info["siz"], "levels": info["levels"]}
+
+
+def j2k_reduce_level(rows: int, columns: int, min_side: int, levels: int) -> int:
+    """Largest number of discarded wavelet levels (``r``, decoded size ``ceil(side / 2**r)``) that keeps the shorter
+    side ``>= min_side`` and does not exceed the codestream's ``levels``."""
+    r = 0
+    while r < levels and -(-min(rows, columns) // 2 ** (r + 1)) >= min_side:
+        r += 1
+    return r
+
+
+def decode_j2k_reduced(ds: Dataset, path: str, reduce: int | str, min_side: int = 512) -> tuple[np.ndarray, int, str]:
+    """Decode a single-frame JPEG 2000 image with ``reduce`` wavelet levels discarded (OpenJPEG's ``reduce``, through
+    Pillow's JPEG 2000 decoder): the image is ``2**r`` times smaller per side and decodes several times faster.
+
+    The values are the codestream's low-pass (LL) band at that level, clipped to the stored range: close to, but not
+    equal to, block averages of the full-resolution stored values (the 5/3 or 9/7 wavelet's low-pass filter is not
+    a box filter). ``reduce="auto"`` picks :func:`j2k_reduce_level` for ``min_side``.
+
+    Returns:
+        ``(stored (h, w), r, reason)``: ``r`` levels applied (0 = the full image decoded by pydicom, with
+        ``reason`` saying why the reduced path was not taken: another transfer syntax, pixel padding, a codestream
+        this module does not take, ...).
+    """
+    ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
+    if ts not in J2K_TRANSFER_SYNTAXES:
+        return decode_pixels(ds, path), 0, "not JPEG 2000"
+    if not features.check("jpg_2000"):
+        return decode_pixels(ds, path), 0, "Pillow was built without OpenJPEG"
+    if "PixelPaddingValue" in ds:
+        return decode_pixels(ds, path), 0, "pixel padding (a padding value cannot be told apart after filtering)"
+    if int(ds.get("PixelRepresentation", 0) or 0) != 0:
+        return decode_pixels(ds, path), 0, "signed pixel data"
+    try:
+        frame = b"".join(next(generate_fragmented_frames(ds.PixelData, number_of_frames=1)))
+    except Exception as err:
+        return decode_pixels(ds, path), 0, f"encapsulated frame not found ({type(err).__name__})"
+    info = _j2k_codestream_info(frame)
+    bits = header_int(ds, "BitsStored", path, 16) or 16
+    if info is None or info["signed"] or info["x_offset"] or info["y_offset"] or info["precision"] != bits \
+            or not 9 <= bits <= 16:
+        return decode_pixels(ds, path), 0, "codestream layout (precision, sign, offset or components) not supported"
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    level = j2k_reduce_level(rows, cols, min_side, info["levels"]) if reduce == "auto" else min(int(reduce), info["levels"])
+    if level <= 0:
+        return decode_pixels(ds, path), 0, "image too small to reduce"
+    try:
+        with Image.open(io.BytesIO(frame), formats=["JPEG2000"]) as im:
+            im.reduce = level  # Pillow passes it to OpenJPEG (opj_set_decoded_resolution_factor)
+            im.load()
+            if im.mode != "I;16":
+                raise ValueError(f"Pillow mode {im.mode}")
+            arr = np.asarray(im)
+    except Exception as err:
+        raise MammoInputError(path, f"cannot decode pixel data at reduced resolution ({type(err).__name__}: {err})") from err
+    f = 2**level
+    if arr.shape != (-(-rows // f), -(-cols // f)):
+        return decode_pixels(ds, path), 0, f"reduced decoder gave shape {arr.shape}"
+    return (arr >> (16 - bits)).astype(np.uint16, copy=False), level, ""  # Pillow scales to 16 bits: undo
+
+
 class MammoDicomReader(ImageReader):
     """MONAI image reader for DICOM MG files: stored values, shape ``(H, W)``, plus grayscale-pipeline tags.
 
@@ -237,13 +332,23 @@ class MammoDicomReader(ImageReader):
     (row, col mm, or ``None``), ``"spatial_shape"`` ``(H, W)``, ``"original_channel_dim"`` (``"no_channel"``),
     ``"filename_or_obj"``. No patient identifiers are copied.
 
+    With ``j2k_reduce`` (``"auto"`` or a number of levels > 0), JPEG 2000 pixel data are decoded at reduced
+    resolution (:func:`decode_j2k_reduced`): the array is ``2**r`` times smaller per side, ``meta["j2k_reduce"]``
+    holds ``r`` (0 when the image was decoded in full, with the reason at ``meta["j2k_reduce_skipped"]``) and
+    ``meta["full_shape"]`` the header's ``(Rows, Columns)``.
+
     Args:
         require_mammography: reject files whose Modality is not ``MG`` (and SOP class is not a mammography one).
+        j2k_reduce: 0 (full resolution, default), a number of wavelet levels to discard, or ``"auto"``.
+        j2k_min_side: with ``"auto"``, the shorter side the reduced image keeps at least.
     """
 
-    def __init__(self, require_mammography: bool = True):
+    def __init__(self, require_mammography: bool = True, j2k_reduce: int | str = 0, j2k_min_side: int = 512):
         super().__init__()
         self.require_mammography = require_mammography
+        if not (j2k_reduce == "auto" or (isinstance(j2k_reduce, int) and j2k_reduce >= 0)):
+            raise ValueError(f"j2k_reduce must be 'auto' or an integer >= 0, got {j2k_reduce!r}")
+        self.j2k_reduce, self.j2k_min_side = j2k_reduce, int(j2k_min_side)
 
     def verify_suffix(self, filename: Sequence[os.PathLike | str] | os.PathLike | str) -> bool:
         return all(Path(f).suffix.lower() in _DICOM_SUFFIXES for f in ensure_tuple(filename))
@@ -257,14 +362,18 @@ class MammoDicomReader(ImageReader):
 
     def get_data(self, img: list[tuple[str, Dataset]] | tuple[str, Dataset]) -> tuple[np.ndarray, dict]:
         path, ds = img[0] if isinstance(img, list) else img
-        arr = decode_pixels(ds, path)
+        level, skipped = 0, None
+        if self.j2k_reduce:
+            arr, level, skipped = decode_j2k_reduced(ds, path, self.j2k_reduce, self.j2k_min_side)
+        else:
+            arr = decode_pixels(ds, path)
         spacing = ds.get("PixelSpacing", None) or ds.get("ImagerPixelSpacing", None)
         try:
             params = grayscale_params(ds)
         except Exception as err:
             raise MammoInputError(path, f"malformed grayscale tags ({type(err).__name__}: {str(err)[:160]})") from None
         try:
-            spacing = [float(v) for v in spacing] if spacing else None
+            spacing = [float(v) * 2**level for v in spacing] if spacing else None  # of the (reduced) array
         except (TypeError, ValueError):
             spacing = None
         meta: dict[str, Any] = {
@@ -277,6 +386,9 @@ class MammoDicomReader(ImageReader):
             "sop_instance_uid": str(ds.get("SOPInstanceUID", "")) or None,
             "pixel_spacing": spacing,
             "spatial_shape": np.asarray(arr.shape),
+            "full_shape": (int(ds.Rows), int(ds.Columns)),
+            "j2k_reduce": level,
+            "j2k_reduce_skipped": skipped or None,
             "original_channel_dim": "no_channel",
         }
         return arr, meta

@@ -43,7 +43,7 @@ from custom.data.mask_io import load_mask_file
 from custom.data.vindr import load_vindr_cases
 from custom.errors import MammoInputError, check_path_option, option_float, option_int
 from custom.io import atomic_path, atomic_write_json
-from custom.transforms.geometry import compute_geometry
+from custom.transforms.geometry import MammoGeometry, compute_geometry
 from custom.transforms.masks import (
     breast_mask,
     label_map,
@@ -68,18 +68,44 @@ class PreprocessSettings:
     border: float = 0.01
     lesion_shape: str = "ellipse"
     window_index: int = 0
+    #: JPEG 2000 decoded at reduced resolution: "off" (default, full resolution), "auto" or a number of levels
+    j2k_reduce: str = "off"
 
     def digest(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        d = asdict(self)
+        if d["j2k_reduce"] == "off":  # the default leaves the digest of earlier prepared datasets unchanged
+            del d["j2k_reduce"]
+        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def reader_j2k_reduce(self) -> int | str:
+        """The :class:`~custom.dicom.MammoDicomReader` ``j2k_reduce`` argument (0 = off)."""
+        return 0 if self.j2k_reduce == "off" else ("auto" if self.j2k_reduce == "auto" else int(self.j2k_reduce))
 
 
-def load_display_image(path: str | os.PathLike, window_index: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
+def parse_j2k_reduce(value: Any) -> str:
+    """The ``j2k_reduce`` option: ``"off"`` (or 0 / None / False), ``"auto"``, or a number of wavelet levels 1..8
+    (as a string); anything else is one clear :class:`MammoInputError`."""
+    if value is None or value is False or str(value).strip().lower() in ("off", "0", "none", "false", ""):
+        return "off"
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    return str(option_int("j2k_reduce", value, 1, 8))
+
+
+def load_display_image(path: str | os.PathLike, window_index: int = 0, j2k_reduce: int | str = 0,
+                       j2k_min_side: int = 512) -> tuple[np.ndarray, dict[str, Any]]:
     """Load a source image as display values.
 
     DICOM (``.dcm``/``.dicom``/no suffix) goes through :class:`~custom.transforms.LoadMammogram` (MONAI
     ``LoadImage`` with :class:`~custom.dicom.MammoDicomReader`) and :class:`~custom.transforms.DicomGrayscale`; PNG is scaled by
     its dtype maximum. Returns ``(image (H, W) float32 in [0, 1], info)`` with ``info`` keys ``laterality``
-    (tag or None), ``view_position``, ``grayscale`` (what the pipeline applied), ``presentation_intent``.
+    (tag or None), ``view_position``, ``grayscale`` (what the pipeline applied), ``presentation_intent``,
+    ``j2k_reduce`` (wavelet levels discarded: the image is ``2**j2k_reduce`` times smaller per side than the
+    DICOM's Rows x Columns, ``full_shape``; 0 unless ``j2k_reduce`` is asked for and the file is JPEG 2000, see
+    :func:`custom.dicom.decode_j2k_reduced`).
+
+    The stored values stay integers (``LoadImage(dtype=None)``) so the grayscale look-up table indexes them
+    directly: the same display values as the float32 hand-over, without a full-size float copy.
     """
     from custom.transforms.intensity import DicomGrayscale
     from custom.transforms.loading import LoadMammogram
@@ -96,8 +122,9 @@ def load_display_image(path: str | os.PathLike, window_index: int = 0) -> tuple[
         image = arr.astype(np.float32) / float(np.iinfo(arr.dtype).max)
         _check_dynamic_range(image, path)
         return image, {
-            "laterality": None, "view_position": None, "grayscale": {"voi": "png"}, "presentation_intent": None}
-    img = LoadMammogram(ensure_channel_first=False)(str(path))
+            "laterality": None, "view_position": None, "grayscale": {"voi": "png"}, "presentation_intent": None,
+            "j2k_reduce": 0, "full_shape": image.shape}
+    img = LoadMammogram(ensure_channel_first=False, dtype=None, j2k_reduce=j2k_reduce, j2k_min_side=j2k_min_side)(str(path))
     out = DicomGrayscale(window_index=window_index)(img)
     meta = img.meta
     _check_dynamic_range(out.numpy(), path)
@@ -107,6 +134,9 @@ def load_display_image(path: str | os.PathLike, window_index: int = 0) -> tuple[
         "view_position": meta.get("view_position"),
         "grayscale": out.meta["grayscale"],
         "presentation_intent": meta.get("presentation_intent"),
+        "j2k_reduce": int(meta.get("j2k_reduce") or 0),
+        "j2k_reduce_skipped": meta.get("j2k_reduce_skipped"),
+        "full_shape": tuple(int(v) for v in meta.get("full_shape") or out.shape),
     }
 
 
@@ -132,7 +162,7 @@ def _resize_instances(geom, instances: np.ndarray, source: str) -> np.ndarray:
     """Each lesion instance resized on its own as a binary mask (area + threshold), later ids on top."""
     out = np.zeros(geom.output_shape, dtype=np.uint8)
     for k in range(1, int(instances.max()) + 1):
-        m = geom.apply_image((instances == k).astype(np.float32)[None], "mask")[0].numpy() > 0
+        m = geom.apply_image((instances == k)[None], "mask")[0].numpy() > 0
         if not m.any():
             raise MammoInputError(source, f"lesion {k - 1} is smaller than one pixel at {geom.output_shape[0]} px")
         out[m] = k
@@ -166,8 +196,11 @@ def preprocess_case(case: MammoCase, output_dir: str, settings: PreprocessSettin
         MammoInputError: any problem with the case's files (the caller reports it as a skip).
     """
     out = Path(output_dir)
-    image, info = load_display_image(case.image_path, settings.window_index)
+    # JPEG 2000 at reduced resolution (settings.j2k_reduce), not for a case with a full-resolution lesion mask file
+    reduce = 0 if case.mask_path else settings.reader_j2k_reduce()
+    image, info = load_display_image(case.image_path, settings.window_index, reduce, 2 * settings.image_size)
     h, w = image.shape
+    level = info["j2k_reduce"]
     breast = breast_mask(image, border=settings.border)
     if breast.mean() < MIN_BREAST_FRACTION:
         raise MammoInputError(case.image_path, f"no breast found (foreground {100 * breast.mean():.1f}% of the image)")
@@ -184,7 +217,9 @@ def preprocess_case(case: MammoCase, output_dir: str, settings: PreprocessSettin
         findings = [{"category": "lesion", "birads": None} for _ in range(int(instances.max()))]
     else:
         boxes = [list(f.box) for f in case.findings]
-        boxes = _boxes_for_image(case, boxes, (h, w))
+        boxes = _boxes_for_image(case, boxes, info["full_shape"])
+        if level:  # boxes on the reduced grid: full-resolution pixel edges / 2**level
+            boxes = [[v / 2**level for v in b] for b in boxes]
         for f, box in zip(case.findings, boxes):
             x0, y0, x1, y1 = box
             if x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
@@ -205,7 +240,7 @@ def preprocess_case(case: MammoCase, output_dir: str, settings: PreprocessSettin
     laterality = case.laterality or info["laterality"]
     geom, geom_info = compute_geometry(breast, laterality, settings.image_size, settings.margin)
     image_out = geom.apply_image(image[None], "image")[0].numpy().clip(0.0, 1.0)
-    breast_out = geom.apply_image(breast.astype(np.float32)[None], "mask")[0].numpy() > 0
+    breast_out = geom.apply_image(breast[None], "mask")[0].numpy() > 0  # converted to float on the crop only
     inst_out = _resize_instances(geom, instances, case.mask_path or case.image_path)
     labels = label_map(breast_out, inst_out)
 
@@ -234,7 +269,7 @@ def preprocess_case(case: MammoCase, output_dir: str, settings: PreprocessSettin
         "breast_birads": case.breast_birads,
         "num_lesions": len(findings),
         "findings": findings,
-        "geometry": geom.to_dict(),
+        "geometry": (geom if not level else _full_resolution_geometry(geom, level, info["full_shape"])).to_dict(),
         "laterality_source": "annotation" if case.laterality else geom_info["laterality_source"],
         "laterality_conflict": bool(geom_info["laterality_conflict"]),
         "grayscale": info["grayscale"],
@@ -242,8 +277,20 @@ def preprocess_case(case: MammoCase, output_dir: str, settings: PreprocessSettin
         "source_image": case.image_path,
         "settings_digest": settings.digest(),
     }
+    if level:
+        record["j2k_reduce"] = level
     atomic_write_json(out / "records" / f"{case.case_id}.json", record)
     return record
+
+
+def _full_resolution_geometry(geom, level: int, full_shape: tuple[int, int]):
+    """The geometry found on an image decoded ``2**level`` times smaller, expressed on the full-resolution source
+    grid (crop edges times ``2**level``, clamped to the image; scale divided by it; output unchanged), so a record
+    always maps its source file's pixels, to within one reduced pixel."""
+    f, (h, w) = 2**level, full_shape
+    y0, y1, x0, x1 = geom.crop
+    return MammoGeometry((int(h), int(w)), geom.flip, (y0 * f, min(y1 * f, h), x0 * f, min(x1 * f, w)),
+                         geom.scale / f, geom.resized_shape, geom.pad, geom.output_shape)
 
 
 def _reusable_record(case: MammoCase, out: Path, settings: PreprocessSettings) -> dict[str, Any] | None:
@@ -301,6 +348,13 @@ class PrepareWorkflow:
             model was trained with is written with the model by training, and ``prepare`` never touches it.
         preview_cases: cases on the contact sheet (0 disables it).
         progress: progress bars.
+        split_file: a split file fixing which cases go into which split.
+        j2k_reduce: ``"off"`` (default): every image decoded at full resolution. ``"auto"``: JPEG 2000 images are
+            decoded with as many wavelet levels discarded as keep the shorter side >= 2 x ``image_size`` (for
+            4084 x 3328 and 256: 2 levels, 1021 x 832, about 8x faster to decode); an integer: that many levels.
+            The prepared image then differs slightly from full decoding + the same resize (measured in the tests
+            and ``bundle/docs/benchmarks.md``). Not applied to other transfer syntaxes, to images with pixel
+            padding or signed pixels, or to cases with a lesion mask file (those decode in full).
     """
 
     def __init__(
@@ -325,6 +379,7 @@ class PrepareWorkflow:
         preview_cases: int = 16,
         progress: bool = True,
         split_file: str | None = None,
+        j2k_reduce: str | int | None = "off",
     ):
         # every option checked before any work, one clear line each
         for key, value in dict(dataset_dir=dataset_dir, output_dir=output_dir, params_file=params_file,
@@ -343,10 +398,12 @@ class PrepareWorkflow:
         seed = option_int("split_seed", seed, 0, 2**63 - 1)
         num_workers = None if num_workers in (None, "", 0) else option_int("num_workers", num_workers, 1, 1024)
         preview_cases = option_int("preview_cases", preview_cases, 0, 1000)
+        j2k_reduce = parse_j2k_reduce(j2k_reduce)
         self.dataset_dir, self.output_dir = Path(dataset_dir), Path(output_dir)
         self.params_file = str(params_file)
         self.adapter = adapter
-        self.settings = PreprocessSettings(int(image_size), float(margin), float(border), lesion_shape, int(window_index))
+        self.settings = PreprocessSettings(int(image_size), float(margin), float(border), lesion_shape, int(window_index),
+                                           j2k_reduce)
         self.lesion_categories, self.views = list(lesion_categories), None if views is None else list(views)
         self.other_findings = str(other_findings).strip().lower()
         if self.other_findings not in ("exclude", "healthy"):

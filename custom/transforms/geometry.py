@@ -75,11 +75,14 @@ class MammoGeometry:
         ``"mask"`` (a binary mask resized by area and re-thresholded at 0.5, keeping thin structures better than
         nearest), ``"nearest"`` (label or instance maps).
         """
-        x = _as_chw_float(arr, self.source_shape)
+        # crop first, then flip and convert the crop only: the same values as flipping and converting the whole
+        # source first (columns [x0, x1) of the flipped image are source columns [W - x1, W - x0), mirrored)
+        y0, y1, x0, x1 = self.crop
+        if self.flip:
+            x0, x1 = self.source_shape[1] - x1, self.source_shape[1] - x0
+        x = _as_chw_float(arr, self.source_shape, (slice(y0, y1), slice(x0, x1)))
         if self.flip:
             x = torch.flip(x, dims=[-1])
-        y0, y1, x0, x1 = self.crop
-        x = x[:, y0:y1, x0:x1]
         x = _resize(x, self.resized_shape, mode)
         top, bottom, left, right = self.pad
         return F.pad(x, (left, right, top, bottom), value=0.0)
@@ -129,13 +132,19 @@ class MammoGeometry:
         return self.resized_shape[0] / (y1 - y0), self.resized_shape[1] / (x1 - x0)
 
 
-def _as_chw_float(arr: np.ndarray | torch.Tensor, expected: Sequence[int]) -> torch.Tensor:
-    x = torch.as_tensor(arr.detach().cpu() if isinstance(arr, torch.Tensor) else np.ascontiguousarray(arr))
+def _as_chw_float(arr: np.ndarray | torch.Tensor, expected: Sequence[int],
+                  window: tuple[slice, slice] | None = None) -> torch.Tensor:
+    """``(C, H, W)`` float32 tensor of ``arr`` (``(H, W)`` gets a channel), optionally only its ``window`` of
+    rows/columns (cut before the copy and the conversion, so a crop of a large image costs only the crop)."""
+    x = arr.detach().cpu() if isinstance(arr, torch.Tensor) else np.asarray(arr)
     x = x.as_subclass(torch.Tensor) if isinstance(x, MetaTensor) else x
     if x.ndim == 2:
         x = x[None]
     if x.ndim != 3 or tuple(x.shape[-2:]) != tuple(expected):
         raise ValueError(f"expected an array of spatial shape {tuple(expected)}, got {tuple(x.shape)}")
+    if window is not None:
+        x = x[:, window[0], window[1]]
+    x = torch.as_tensor(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
     return x.float()
 
 

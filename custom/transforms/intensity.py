@@ -77,7 +77,7 @@ def apply_dicom_grayscale(
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise MammoInputError(source, f"unsupported PhotometricInterpretation {photometric!r}")
     stored = np.asarray(stored)
-    if not np.isfinite(stored).all():
+    if stored.dtype.kind not in "biu" and not np.isfinite(stored).all():  # integers are always finite
         raise MammoInputError(source, "stored pixel values are not finite (NaN or infinity)")
     for key in ("RescaleSlope", "RescaleIntercept"):
         if key in params and not np.isfinite(float(params[key])):
@@ -89,13 +89,17 @@ def apply_dicom_grayscale(
         if np.array_equal(as_int, stored):
             stored = as_int
     if use_table and has_voi and np.issubdtype(stored.dtype, np.integer) and stored.size:
+        # non-negative values index a table built from 0 directly (no shifted int64 copy of the image; MONAI hands
+        # uint16 stored values over as int32)
         lo, hi = int(stored.min()), int(stored.max())
+        direct = lo >= 0
+        lo = 0 if direct else lo
         if hi - lo < _TABLE_MAX_VALUES and hi - lo + 1 < stored.size:
             # every stored value of the range once through the per-pixel pipeline (padding included: it is a
             # function of the stored value), then one look-up per pixel
             table, info = apply_dicom_grayscale(np.arange(lo, hi + 1, dtype=np.int64), params, window_index,
                                                 prefer_voi_lut, source, use_table=False)
-            index = stored if lo == 0 and stored.dtype.kind == "u" else stored.astype(np.int64) - lo
+            index = stored if direct else stored.astype(np.int64) - lo
             info["n_padding"] = int(_padding_mask(stored, params).sum()) if "PixelPaddingValue" in params else 0
             return table[index], info
     padding = _padding_mask(stored, params)

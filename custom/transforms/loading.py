@@ -17,6 +17,7 @@ import logging
 from collections.abc import Hashable, Mapping
 from typing import Any
 
+import numpy as np
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform, Transform
@@ -65,13 +66,18 @@ def enable_gpu_decoding(enabled: bool | None = None) -> bool:
 class LoadMammogram(Transform):
     """Path -> ``MetaTensor`` of stored values, ``(1, H, W)`` with ``ensure_channel_first`` (default) else ``(H, W)``;
     metadata as documented in :class:`~custom.dicom.MammoDicomReader`. ``gpu_decoding``: see
-    :func:`enable_gpu_decoding` (``None``: on when available)."""
+    :func:`enable_gpu_decoding` (``None``: on when available). ``dtype``: MONAI ``LoadImage``'s output dtype
+    (float32 by default, as MONAI does); ``None`` keeps the stored integer dtype, which saves a full-size float copy
+    and lets :class:`~custom.transforms.DicomGrayscale` index its look-up table directly (same display values).
+    ``j2k_reduce``, ``j2k_min_side``: see :class:`~custom.dicom.MammoDicomReader` (0 = full resolution)."""
 
     def __init__(self, ensure_channel_first: bool = True, require_mammography: bool = True,
-                 gpu_decoding: bool | None = None):
+                 gpu_decoding: bool | None = None, dtype=np.float32, j2k_reduce: int | str = 0,
+                 j2k_min_side: int = 512):
         self.gpu_decoding = enable_gpu_decoding(gpu_decoding)
-        self.reader = MammoDicomReader(require_mammography=require_mammography)
-        self.loader = LoadImage(image_only=True, ensure_channel_first=ensure_channel_first)
+        self.reader = MammoDicomReader(require_mammography=require_mammography, j2k_reduce=j2k_reduce,
+                                       j2k_min_side=j2k_min_side)
+        self.loader = LoadImage(image_only=True, ensure_channel_first=ensure_channel_first, dtype=dtype)
 
     def __call__(self, filename: str) -> MetaTensor:
         return self.loader(filename, reader=self.reader)

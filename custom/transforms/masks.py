@@ -66,8 +66,10 @@ BREAST_MASK_WORK_SIDE = 512
 def _block_mean(img: np.ndarray, f: int) -> np.ndarray:
     """``(H // f, W // f)`` means of the ``f x f`` blocks of ``img`` (the remainder rows/columns left out)."""
     hf, wf = img.shape[0] // f, img.shape[1] // f
-    x = torch.from_numpy(np.ascontiguousarray(img[: hf * f], dtype=np.float32))[None, None, :, : wf * f]
-    return torch.nn.functional.avg_pool2d(x, f)[0, 0].numpy()
+    # rows of each block summed first (whole-row vector adds), then the columns of the f-times smaller array:
+    # ~4x faster on one core than torch's avg_pool2d at 4084 x 3328 (same means up to float32 summation order)
+    rows = np.asarray(img[: hf * f], dtype=np.float32).reshape(hf, f, img.shape[1]).sum(axis=1)
+    return rows[:, : wf * f].reshape(hf, wf, f).sum(axis=-1) * np.float32(1.0 / (f * f))
 
 
 def _breast_mask_at(work: np.ndarray, threshold: float | None, min_open: int) -> tuple[np.ndarray, float]:
@@ -138,11 +140,18 @@ def breast_mask(image: np.ndarray, border: float = 0.01, threshold: float | None
     if not low.any():
         return np.zeros(img.shape, dtype=bool)
     # back to full resolution: whole blocks inside / outside, the full-resolution threshold on the edge blocks
+    # (blocks viewed as (hf, f, wf, f): each block filled from the low-resolution mask in one broadcast copy, the
+    # edge blocks alone re-thresholded at full resolution — no full-size band mask or boolean indexing)
     edge = ndimage.binary_dilation(low) & ~ndimage.binary_erosion(low)
     hf, wf = low.shape
-    full = np.repeat(np.repeat(low, f, axis=0), f, axis=1)
-    band = np.repeat(np.repeat(edge, f, axis=0), f, axis=1)
-    full[band] = img[: hf * f, : wf * f][band] > t
+    blocks = np.empty((hf, f, wf, f), dtype=bool)
+    blocks[...] = low[:, None, :, None]
+    ey, ex = np.nonzero(edge)
+    s0, s1 = img.strides
+    pixels = np.lib.stride_tricks.as_strided(img, shape=(hf, f, wf, f), strides=(f * s0, s0, f * s1, s1),
+                                             writeable=False)
+    blocks[ey, :, ex, :] = pixels[ey, :, ex, :] > t
+    full = blocks.reshape(hf * f, wf * f)
     pad = ((0, img.shape[0] - hf * f), (0, img.shape[1] - wf * f))
     if any(p[1] for p in pad):
         full = np.pad(full, pad, mode="edge")
