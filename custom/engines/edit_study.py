@@ -54,8 +54,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from monai.bundle import ConfigParser, run
+from PIL import Image
 
+from custom.data.attributes import parse_prompt
+from custom.data.prepare import load_display_image
+from custom.engines.edit import build_edit_cases
 from custom.errors import MammoInputError
+from custom.features import FEATURE_NAMES, extract_lesion_features
+from custom.metrics.attribute_classifier import (
+    HEADS,
+    attribute_fidelity,
+    items_from_prepared,
+    load_classifier,
+    load_images,
+    save_classifier,
+    train_attribute_classifier,
+)
+from custom.metrics.fidelity import removal_error, seam_score
+from custom.metrics.frd import DEFAULT_PARAMS_FILE, frechet_radiomics_distance
+from custom.metrics.segmenter import load_segmenter, predict_lesion
+from custom.transforms.geometry import MammoGeometry
 
 __all__ = ["study_cases", "run_edit_study", "format_tables", "main"]
 
@@ -129,8 +149,6 @@ def _check_models(ckpt_dir: Path, segmenter: Path) -> None:
 
 def _model_attribute_names(ckpt_dir: Path, extra_configs: Sequence[str]) -> list[str]:
     """Attribute names the default model reads (its checkpoint's record, as inference sees them)."""
-    from monai.bundle import ConfigParser
-
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / "inference.json"), *extra_configs])
     parser["ckpt_dir"] = str(ckpt_dir)
@@ -141,8 +159,6 @@ def _model_attribute_names(ckpt_dir: Path, extra_configs: Sequence[str]) -> list
 # ------------------------------------------------------------------------------------------------------------ helpers
 def _infer(configs: Sequence[str], ckpt_dir: Path, out: Path, ddim_steps: int, **kw: Any) -> dict[str, Any]:
     """One run of the bundle's inference workflow; returns the single sample's sidecar (+ ``"png"``)."""
-    from monai.bundle import run
-
     run("inference", config_file=list(configs), meta_file=str(CONFIGS / "metadata.json"), logging_file=False,
         ckpt_dir=str(ckpt_dir), ddim_steps=int(ddim_steps), progress=False, map_to_source=False, formats=["png"],
         output_dir=str(out), **kw)
@@ -153,8 +169,6 @@ def _infer(configs: Sequence[str], ckpt_dir: Path, out: Path, ddim_steps: int, *
 
 
 def _png(path: str | Path) -> np.ndarray:
-    from PIL import Image
-
     with Image.open(path) as im:
         arr = np.asarray(im)
     return arr.astype(np.float64) / float(np.iinfo(arr.dtype).max)
@@ -162,9 +176,6 @@ def _png(path: str | Path) -> np.ndarray:
 
 def _model_frame(side: Mapping[str, Any], dicom: str) -> np.ndarray:
     """A source DICOM's display image in the model frame of a sample (its sidecar's geometry), [0, 1]."""
-    from custom.data.prepare import load_display_image
-    from custom.transforms.geometry import MammoGeometry
-
     display, _ = load_display_image(dicom)
     geometry = MammoGeometry.from_dict(side["conditions"]["geometry"])
     return geometry.apply_image(display[None], "image")[0].numpy().clip(0.0, 1.0).astype(np.float64)
@@ -173,8 +184,6 @@ def _model_frame(side: Mapping[str, Any], dicom: str) -> np.ndarray:
 def _rebuild(mode: str, side: Mapping[str, Any], case: Mapping[str, Any], feature_file: str | None, normaliser: str,
              names: Sequence[str]) -> Any:
     """The inference case again (the region, the requested lesion in the model frame), from the sample's sidecar."""
-    from custom.engines.edit import build_edit_cases
-
     params = side["parameters"]
     kw = dict(mode=mode, image_size=int(side["conditions"]["image_size"]), normaliser_file=normaliser,
               max_lesions=int(side["conditions"]["max_lesions"]), image_file=case["dicom"],
@@ -187,8 +196,6 @@ def _rebuild(mode: str, side: Mapping[str, Any], case: Mapping[str, Any], featur
 
 
 def _resize(arr: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
-    from PIL import Image
-
     if arr.shape == (size, size):
         return arr
     if nearest:
@@ -197,9 +204,6 @@ def _resize(arr: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
 
 
 def _lesion_features(image: np.ndarray, mask: np.ndarray, params: str | None) -> list[float] | None:
-    from custom.features import FEATURE_NAMES, extract_lesion_features
-    from custom.metrics.frd import DEFAULT_PARAMS_FILE
-
     try:
         f = extract_lesion_features(np.clip(image, 0.0, 1.0), mask, params or DEFAULT_PARAMS_FILE)
     except Exception:  # noqa: BLE001 - PyRadiomics rejects some regions (flat, too small): counted as failed
@@ -218,21 +222,6 @@ def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: s
                    segmenter: str | None = None, classifier: str | None = None, classifier_epochs: int = 30,
                    extra_configs: Sequence[str] = (), params_file: str | None = None) -> dict[str, Any]:
     """Run the study (see the module docstring) and write its files; returns the results dict."""
-    import torch
-
-    from custom.metrics.attribute_classifier import (
-        HEADS,
-        attribute_fidelity,
-        items_from_prepared,
-        load_classifier,
-        load_images,
-        save_classifier,
-        train_attribute_classifier,
-    )
-    from custom.metrics.fidelity import removal_error, seam_score
-    from custom.metrics.frd import frechet_radiomics_distance
-    from custom.metrics.segmenter import load_segmenter, predict_lesion
-
     start = time.time()
     prepared, ckpt, out = Path(prepared_dir), Path(ckpt_dir), Path(output)
     seg_path = Path(segmenter) if segmenter else ckpt / "segmenter.pt"
@@ -289,8 +278,6 @@ def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: s
         # the real lesion of the same image, the ceiling of the segmenter (prepared image at model size)
         size = gen.shape[0]
         image = _resize(_png(prepared / case["entry"]["image"]), size)
-        from PIL import Image
-
         with Image.open(prepared / case["entry"]["lesions"]) as im:  # instance map: 1 = the first annotated lesion
             instances = np.asarray(im)
         les = _resize((instances == 1).astype(np.uint8), size, nearest=True) > 0
@@ -382,8 +369,6 @@ def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: s
     # 5. figures -------------------------------------------------------------------------------------------------
     healthy = []
     if "view" in names or "density" in names:
-        from custom.data.attributes import parse_prompt
-
         prompt_attrs = parse_prompt(HEALTHY_PROMPT)
         prompt = HEALTHY_PROMPT if set(prompt_attrs) <= set(names) else None
         attrs_text = None if prompt else ",".join(f"{k}={v}" for k, v in prompt_attrs.items() if k in names)
@@ -419,7 +404,7 @@ def _figures(out: Path, healthy: list[np.ndarray], fig: Mapping[str, Any]) -> di
     written: dict[str, str] = {}
     rows = []
     if healthy:
-        rows.append(("healthy", [(h, f"'{HEALTHY_PROMPT}' seed {k}", "gray") for k, h in enumerate(healthy)]))
+        rows.append(("healthy", [(h, f"from the prompt, seed {k}", "gray") for k, h in enumerate(healthy)]))
     if "inpaint" in fig:
         src, gen = fig["inpaint"]
         rows.append(("inpaint", [(src, "source", "gray"), (gen, "lesion inpainted", "gray"),
@@ -440,13 +425,14 @@ def _figures(out: Path, healthy: list[np.ndarray], fig: Mapping[str, Any]) -> di
                 ax.set_title(title, fontsize=7)
             for ax in targets:
                 ax.axis("off")
-        one.suptitle(f"{name} ({PHANTOM_NOTE})", fontsize=8)
+        what = f"'{HEALTHY_PROMPT}'" if name == "healthy" else name
+        one.suptitle(f"{what} ({PHANTOM_NOTE})", fontsize=8)
         one.tight_layout()
         path = out / f"figure_{name}.png"
         one.savefig(path, dpi=110)
         plt.close(one)
         written[name] = str(path)
-    full.suptitle(PHANTOM_NOTE, fontsize=9)
+    full.suptitle(f"{PHANTOM_NOTE}; top row: '{HEALTHY_PROMPT}'", fontsize=9)
     full.tight_layout()
     full.savefig(out / "edit_study.png", dpi=110)
     plt.close(full)
