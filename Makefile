@@ -9,6 +9,8 @@
 #                runs with the GPU machine's own python (GPU_PYTHON) + pure-python monai/diffusers from `make gpu-site`
 #   make synthesize  after make train: a synthetic cohort (prepare's layout) + a real+synthetic datalist
 #   make downstream  after make synthesize: task model on real / real+synthetic / synthetic, tested on real
+#   make edit-study  after training model.pt (with attributes), model_inpaint.pt and segmenter.pt: keep vs inpaint,
+#                removal vs the phantom's lesion-free truth, attribute fidelity, figures (custom.engines.edit_study)
 # Point it at a real VinDr-Mammo download with: make train DATASET_DIR=/path/to/vindr-mammo
 
 PYTHON ?= python3
@@ -45,7 +47,7 @@ SYSTEM_PACKAGES := orthanc orthanc-dicomweb chromium chromium-driver
 SUDO := $(shell test "$$(id -u)" = 0 || echo sudo)
 
 .PHONY: env label-env phantom prepare train train-autoencoder train-diffusion train-segmenter presets \
-	infer evaluate test bench figures label label-studies clean gpu-site gpu-check synthesize downstream system-deps pacs pacs-stop
+	infer evaluate test bench figures label label-studies clean gpu-site gpu-check synthesize downstream edit-study system-deps pacs pacs-stop
 
 env: $(STAMP)
 
@@ -119,6 +121,13 @@ downstream: env
 	@test -f $(SYNTHETIC_DIR)/mixed/datalist.json || $(MAKE) synthesize
 	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(BUNDLE) run downstream --config_file bundle/configs/downstream.json \
 		--prepared_dir $(PREPARED_DIR) --synthetic_dir $(SYNTHETIC_DIR) --output_dir $(RUNS_DIR)/downstream
+
+EDIT_STUDY_CASES ?= 8
+EDIT_STUDY_STEPS ?= 20
+edit-study: env
+	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python -m custom.engines.edit_study --prepared_dir $(PREPARED_DIR) \
+		--phantom_dir $(PHANTOM_DIR) --ckpt_dir $(MODELS_DIR) --output $(RUNS_DIR)/edit_study \
+		--max_cases $(EDIT_STUDY_CASES) --ddim_steps $(EDIT_STUDY_STEPS)
 
 # Debian packages, installed only when one is missing
 system-deps:

@@ -312,3 +312,45 @@ def test_keep_mode_with_the_inpainting_model_keeps_outside_pixels(models, prepar
     box[_png(case["lesion_png"]) > 0] = 1
     lesion = MammoGeometry.from_dict(side["conditions"]["geometry"]).apply_image(box[None], "mask")[0].numpy() > 0
     assert not ((img != expected) & ~ndimage.binary_dilation(lesion, iterations=3)).any()
+
+
+# ------------------------------------------------------------------------------------------------ view vs mask (issue 11)
+def test_breast_shape_view_hand_made_masks():
+    from custom.data.attributes import VIEW_SHAPE_THRESHOLD, breast_shape_view, view_mask_note
+    from custom.data.phantom import _breast_outline
+
+    tri = np.zeros((100, 120), dtype=np.uint8)  # row i is i + 1 pixels wide: top 5 rows mean 3 over a widest 100
+    for i in range(100):
+        tri[i, : i + 1] = 1
+    assert breast_shape_view(tri) == ("CC", pytest.approx(3 / 100))
+    rect = np.zeros((100, 120), dtype=np.uint8)  # cut off square at the top (the axilla): ratio 1
+    rect[:, :70] = 2
+    assert breast_shape_view(rect) == ("MLO", pytest.approx(1.0))
+    assert breast_shape_view(rect[::-1][:, ::-1])[0] == "MLO"  # the chest-wall side does not matter
+    assert breast_shape_view(np.zeros((50, 50)))[0] is None    # nothing to judge
+    # the phantom's own outlines, both views, several draws
+    for seed in range(5):
+        for view in ("CC", "MLO"):
+            _, mask = _breast_outline(256, 200, view, np.random.default_rng(seed))
+            got, ratio = breast_shape_view(mask)
+            assert got == view and abs(ratio - VIEW_SHAPE_THRESHOLD) > 0.08, (seed, view, ratio)
+    assert view_mask_note({"view": "MLO"}, tri).startswith("view=MLO was requested but the breast mask is CC-shaped")
+    assert "MLO-shaped" in view_mask_note({"view": "CC", "density": "D"}, rect)
+    assert view_mask_note({"view": "CC"}, tri) is None and view_mask_note({"density": "D"}, tri) is None
+    assert view_mask_note({"view": "MLO"}, None) is None
+
+
+def test_a_view_contradicting_the_mask_is_generated_and_noted(models, prepared_dir, case, tmp_path):
+    entry = next(e for e in json.loads((Path(prepared_dir) / "datalist.json").read_text())["test"]
+                 if e["case_id"] == case["case_id"])
+    other = {"CC": "MLO", "MLO": "CC"}[entry["view"]]
+    out = tmp_path / "contra"
+    for view, name in ((other, "contra"), (entry["view"], "agree")):
+        _run(INPAINT, models, prepared_dir, mode="inpaint", image_file=case["dicom"], lesion_box=case["box"],
+             feature_file=case["features"], case_id=name, seed=0, output_dir=str(out), attribute_names=ATTRS,
+             prompt=f"a mammogram in {view} view")
+    contra = json.loads((out / "contra_seed0.json").read_text())["parameters"]
+    assert contra["attributes"]["view"] == other  # generated as asked
+    assert len(contra["notes"]) == 1 and contra["notes"][0].startswith(f"view={other} was requested but the breast "
+                                                                       f"mask is {entry['view']}-shaped")
+    assert "notes" not in json.loads((out / "agree_seed0.json").read_text())["parameters"]

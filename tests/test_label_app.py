@@ -465,6 +465,41 @@ def test_errors_are_readable_and_the_server_keeps_serving(server, scene):
     assert not [k for k in objects if "_s3" in k]                      # a failed request stores nothing
 
 
+def test_attributes_and_prompt_params_reach_the_products_parser(server, scene):
+    """``attributes`` / ``prompt`` request params: the form is checked by the app, names/values/words by the product's
+    parser (custom.data.attributes), each a 400 with one readable sentence; nothing is stored."""
+    box = {"lesion_box": "10,10,20,20", "steps": 2, "seed": 7}
+    cases = [  # (params, words the detail must contain)
+        ({"attributes": "colour=red"}, ["attributes", "unknown attribute 'colour'", "view"]),
+        ({"attributes": "view=AP"}, ["attributes", "unknown value 'AP'", "CC, MLO"]),
+        ({"attributes": {"density": "Z"}}, ["unknown value 'Z'", "'density'"]),
+        ({"attributes": "view"}, ["expected name=value"]),
+        ({"prompt": "a mammogram in MLO view with purple density"}, ["prompt", "unknown word 'purple'"]),
+        ({"prompt": "a CC mammogram in MLO view"}, ["prompt", "contradicts"]),
+        ({"attributes": "view=CC", "prompt": "an MLO mammogram"}, ["contradicts"]),
+        # valid names and values, but the test model reads no attributes: refused, never ignored
+        ({"attributes": "view=MLO,density=D"}, ["not trained with attribute(s) view, density"]),
+        ({"prompt": "a siemens mammogram with high density"}, ["not trained with attribute(s)"]),
+        # the app's own form check: nothing that could become a configuration expression reaches the product
+        ({"attributes": "$__import__('os').getcwd()"}, ["attributes: at most 300 characters"]),
+        ({"prompt": "@network_def"}, ["prompt: at most 300 characters"]),
+        ({"attributes": ["view=MLO"]}, ["attributes must be text"]),
+        ({"attributes": {"view": "M,LO"}}, ["plain word"]),
+        ({"prompt": "mlo " * 100}, ["at most 300"]),
+    ]
+    for extra, words in cases:
+        status, body, _ = server.infer(scene["id"], {**box, **extra})
+        detail = json.loads(body)["detail"]
+        assert status == 400, (extra, status, detail)
+        assert isinstance(detail, str) and "\n" not in detail and "Traceback" not in detail, (extra, detail)
+        for w in words:
+            assert w in detail, (extra, w, detail)
+    objects = server.json("/datastore/?output=all")["objects"]
+    assert not [k for k in objects if "_s7" in k]                      # a refused request stores nothing
+    info = server.json("/info/")["models"][MODEL]["config"]
+    assert "attributes" in info and "prompt" in info
+
+
 # ================================================================================================ access rules (issue 8)
 def _snapshot(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))}

@@ -58,6 +58,9 @@ __all__ = [
     "decode_attributes",
     "attach_attribute_codes",
     "describe_attributes",
+    "VIEW_SHAPE_THRESHOLD",
+    "breast_shape_view",
+    "view_mask_note",
 ]
 
 #: name -> allowed canonical values (order = code).
@@ -496,3 +499,51 @@ def describe_attributes(attrs: Mapping[str, str]) -> str:
     if extra:
         text += " with " + (", ".join(extra[:-1]) + " and " + extra[-1] if len(extra) > 1 else extra[0])
     return text
+
+
+# ---------------------------------------------------------------------------------------------------- view vs mask
+#: Top-width ratio above which a breast outline is MLO-shaped (see :func:`breast_shape_view`).
+VIEW_SHAPE_THRESHOLD = 0.45
+#: Fraction of the breast's rows (from its top) whose mean width is compared with the widest row.
+_TOP_FRACTION = 0.05
+
+
+def breast_shape_view(label: np.ndarray) -> tuple[str | None, float]:
+    """Which view a breast outline looks like, and the measure behind it.
+
+    The rule (the phantom's own geometry, :func:`custom.data.phantom._breast_outline`, and what a real mammogram shows):
+    a CC breast is a half-ellipse whose top rows narrow to a point, an MLO breast runs up into the axilla, so its
+    top rows are cut off wide (the pectoral corner). ``ratio`` = mean breast width over the top 5 % of the breast's
+    rows / the widest row's width; ``> VIEW_SHAPE_THRESHOLD`` (0.45) is MLO-shaped, else CC-shaped. Widths are pixel
+    counts per row, so the chest-wall side (laterality, flip) does not matter.
+
+    Args:
+        label: ``(H, W)`` label map or breast mask (breast = ``> 0``).
+
+    Returns:
+        ``("CC" | "MLO", ratio)``, or ``(None, nan)`` for an outline too small to judge (< 20 breast rows).
+    """
+    breast = np.asarray(label) > 0
+    if breast.ndim != 2:
+        raise ValueError(f"breast_shape_view: expected a (H, W) mask, got shape {breast.shape}")
+    widths = breast.sum(axis=1).astype(np.float64)
+    rows = np.flatnonzero(widths)
+    if rows.size < 20:
+        return None, float("nan")
+    widths = widths[rows[0]:rows[-1] + 1]
+    k = max(1, int(round(_TOP_FRACTION * widths.size)))
+    ratio = float(widths[:k].mean() / widths.max())
+    return ("MLO" if ratio > VIEW_SHAPE_THRESHOLD else "CC"), ratio
+
+
+def view_mask_note(attrs: Mapping[str, str], label: np.ndarray | None) -> str | None:
+    """A sidecar note when the requested ``view`` contradicts the breast mask's shape (allowed, but worth saying), else
+    ``None`` (no view requested, no breast in the mask, or they agree)."""
+    view = attrs.get("view")
+    if view is None or label is None:
+        return None
+    shape, ratio = breast_shape_view(label)
+    if shape is None or shape == view:
+        return None
+    return (f"view={view} was requested but the breast mask is {shape}-shaped (top-width ratio {ratio:.2f}; "
+            f"MLO-shaped above {VIEW_SHAPE_THRESHOLD}): generated as requested")

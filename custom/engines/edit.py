@@ -17,6 +17,10 @@ Modes (every pixel outside the dilated region is the preprocessed source, bit fo
 
 The decoded result is pasted back with :func:`custom.engines.inference.paste_weights` (0 outside the region).
 
+A requested ``view`` that contradicts the breast mask's shape (:func:`custom.data.attributes.breast_shape_view`: an
+MLO prompt with a CC-shaped mask, or the reverse) is generated as asked and written as a note in the sidecar
+(``notes``).
+
 Attributes (:mod:`custom.data.attributes`): ``--attributes "view=MLO,density=D"``, ``--prompt "a siemens mammogram
 in MLO view with high density"``, ``--attribute_dicom ref.dcm`` (its tags), merged (a contradiction is an error);
 every attribute must be one the model reads (``attribute_names`` of the training config), else an error. Cases of a
@@ -46,6 +50,7 @@ from custom.data.attributes import (
     merge_attributes,
     parse_attribute_string,
     parse_prompt,
+    view_mask_note,
 )
 from custom.engines.inference import (
     CaseSet,
@@ -249,6 +254,10 @@ def build_edit_cases(*, mode: str = "generate", attributes: Any = None, prompt: 
                                                           else Path(datalist).parent).items() if k in names}
             attrs = {**own, **user}
         case.extra["attributes"] = attrs
+        note = None if case.extra.get("mask_free") else view_mask_note(attrs, case.conditions.label)
+        if note is not None:  # allowed (the user asked for it), but said in the sidecar
+            logger.warning("%s: %s", case.name, note)
+            case.extra["notes"] = [note]
         if names:
             case.extra["attribute_codes"] = encode_attributes(attrs, names)
     return cases
@@ -394,6 +403,8 @@ class EditSampleWriter(SampleWriter):
             case = cases[0]
             if case.extra.get("attributes"):
                 extra["attributes"] = dict(case.extra["attributes"])
+            if case.extra.get("notes"):
+                extra["notes"] = list(case.extra["notes"])
             if case.mode in ("inpaint", "remove"):
                 net = getattr(engine, "network", None)
                 extra["edit"] = {"mode": case.mode, "region_pixels": int(np.asarray(case.region).sum()),

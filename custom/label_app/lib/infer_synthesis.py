@@ -18,7 +18,15 @@ Request (MONAI Label ``POST /infer/mammo_gcdm?image=<id>``; multipart ``label`` 
 ``result``          ``auto`` (default): the image for API clients, JSON only for the 3D Slicer Scribbles panel
                     (which would load an image result as a segmentation); ``image``; ``json``
 ``format``          format of the returned image: ``nii`` (default, ``.nii.gz``), ``dcm`` or ``png``
+``attributes``      clinical attributes, ``"view=MLO,density=D,area=small"`` or ``{"view": "MLO", ...}`` (a model
+                    trained with ``attribute_names``; see ``custom/data/attributes.py``)
+``prompt``          a MAM-E-style prompt, ``"a siemens mammogram in MLO view with high density"``
 ==================  ================================================================================================
+
+``attributes`` / ``prompt`` are checked here for their form only (text of letters, digits, spaces and ``= , - _ .``,
+at most 300 characters: nothing in them can reach the product's configuration as an expression); their names,
+values and words are checked by the product's own parser (``custom.data.attributes``), whose one-line error comes
+back as a 400 before any sampling.
 
 Every synthesis is saved into the datastore as a new image ``<id>_synthetic_<preset>_s<seed>`` (``..._synthetic_whole_...``
 for whole-image mode; a ``_2``, ``_3`` ... suffix when the name exists), a DICOM with the product's SYNTHETIC
@@ -34,6 +42,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -104,6 +113,33 @@ def _seed(value: Any) -> int:
     return seed
 
 
+_ATTRIBUTE_TEXT = re.compile(r"[A-Za-z0-9 =,._-]*")
+MAX_ATTRIBUTE_TEXT = 300
+
+
+def _attribute_text(request: dict, key: str) -> str | None:
+    """``attributes`` (text or a JSON object name -> value) / ``prompt`` (text) of a request as one plain text for the
+    product, or ``None`` when absent; anything else is a 400 naming the parameter."""
+    value = request.get(key)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if key == "attributes" and isinstance(value, dict):
+        parts = []
+        for name, v in value.items():
+            if not isinstance(v, (str, int)) or isinstance(v, bool) or any(c in f"{name}{v}" for c in ",="):
+                raise _http(400, f"attributes: each value must be a plain word or number, got {name}={_short(v)}")
+            parts.append(f"{name}={v}")
+        value = ",".join(parts)
+    if not isinstance(value, str):
+        what = "text such as 'view=MLO,density=D' or an object {name: value}" if key == "attributes" else "text"
+        raise _http(400, f"{key} must be {what}, got {_short(value)}")
+    text = " ".join(value.split())
+    if len(text) > MAX_ATTRIBUTE_TEXT or not _ATTRIBUTE_TEXT.fullmatch(text):
+        raise _http(400, f"{key}: at most {MAX_ATTRIBUTE_TEXT} characters of letters, digits, spaces and = , - _ . "
+                         f"are accepted, got {_short(value)}")
+    return text
+
+
 def _choice(request: dict, key: str, allowed, default: str) -> str:
     value = request.get(key)
     if isinstance(value, (list, tuple)):
@@ -139,6 +175,8 @@ class SynthesisTask(InferTask):
             "steps": "",
             "result": ["auto", "image", "json"],
             "format": ["nii", "dcm", "png"],
+            "attributes": "",
+            "prompt": "",
         }
         super().__init__(type=InferType.SCRIBBLES, labels=dict(LABELS), dimension=2, description=description,
                          config=config)
@@ -256,6 +294,8 @@ class SynthesisTask(InferTask):
         steps = _opt_float(request, "steps", low=1, high=MAX_STEPS)
         if steps is not None and steps != int(steps):
             raise _http(400, f"steps must be an integer in [1, {MAX_STEPS}], got {_short(request.get('steps'))}")
+        attributes = _attribute_text(request, "attributes")
+        prompt = _attribute_text(request, "prompt")
 
         drawing, boxes = self._drawing(request)
         n_lesions = len(boxes) if boxes else count_lesions(drawing.lesion)
@@ -271,7 +311,8 @@ class SynthesisTask(InferTask):
             except OSError as err:
                 raise _http(500, f"cannot read the lesion features: {err}") from None
 
-            args: dict[str, Any] = {"mode": MODES[mode], "feature_file": str(feature_file)}
+            args: dict[str, Any] = {"mode": MODES[mode], "feature_file": str(feature_file),
+                                    "attributes": attributes, "prompt": prompt}
             replacements = [(str(tmp) + os.sep, ""), ("drawn_label.png", "the drawn label"),
                             ("drawn_lesion.png", "the drawn lesion"), ("drawn_breast.png", "the drawn breast"),
                             ("auto_breast.png", "the breast found in the image"),
@@ -322,6 +363,8 @@ class SynthesisTask(InferTask):
                 "guidance_scale": guidance,
                 "steps": None if steps is None else int(steps),
                 "features": request_record,
+                "attributes": attributes,
+                "prompt": prompt,
                 "lesion": ({"boxes": boxes} if boxes else {"drawn_pixels": int(drawing.lesion.sum()),
                                                             "label_rule": drawing.how}),
                 "breast": "drawn" if breast is not None else "found in the source image",

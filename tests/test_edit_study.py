@@ -1,0 +1,121 @@
+"""The edit study command (custom.engines.edit_study) end to end on tiny models: tables, figures, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import INFERENCE_TINY_CONFIG, build_tiny_models
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundle" / "configs"
+ATTRS = ["view", "density", "area"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def study_models(prepared_dir, tmp_path_factory) -> Path:
+    """Stage 1 + segmenter of the shared tiny models, and a default-style model and an inpainting model that read
+    view, density and area (one epoch each, mask drop on, healthy images included)."""
+    from monai.bundle import run
+
+    base = build_tiny_models(Path(prepared_dir), tmp_path_factory.getbasetemp() / "gcdm_tiny_models", segmenter=True)
+    folder = tmp_path_factory.mktemp("study_models")
+    for name in ("autoencoder.pt", "autoencoder.pt.sha256", "segmenter.pt", "segmenter.pt.sha256",
+                 "feature_normalisation.json"):
+        shutil.copyfile(base / name, folder / name)
+    common = dict(meta_file=str(CONFIGS / "metadata.json"), logging_file=False, prepared_dir=str(prepared_dir),
+                  ckpt_dir=str(folder), latent_cache_dir=str(folder / "cache"), attribute_names=ATTRS, p_mask=0.2,
+                  train_limit=3, val_limit=2, batch_size=3, max_epochs=1, warmup_steps=1, val_interval=1,
+                  save_interval=1, sample_interval=0, num_sample_cases=2, sample_ddim_steps=2, cache_workers=0)
+    run("training", config_file=[str(CONFIGS / "common.json"), str(CONFIGS / "train_diffusion.json"),
+                                 str(INFERENCE_TINY_CONFIG)], dm_output_dir=str(folder / "dm"), **common)
+    run("training", config_file=[str(CONFIGS / "common.json"), str(CONFIGS / "train_diffusion.json"),
+                                 str(CONFIGS / "train_inpaint.json"), str(INFERENCE_TINY_CONFIG)],
+        dm_output_dir=str(folder / "ip"), **common)
+    assert (folder / "model.pt").is_file() and (folder / "model_inpaint.pt").is_file()
+    return folder
+
+
+def test_edit_study_end_to_end(study_models, prepared_dir, phantom_dir, tmp_path):
+    from custom.engines.edit_study import format_tables, main, study_cases
+
+    cases = study_cases(prepared_dir, phantom_dir, 2)
+    assert len(cases) == 2 and all(int(c["entry"]["num_lesions"]) >= 1 for c in cases)
+    out = tmp_path / "study"
+    rc = main(["--prepared_dir", str(prepared_dir), "--phantom_dir", str(phantom_dir), "--ckpt_dir", str(study_models),
+               "--output", str(out), "--max_cases", "2", "--ddim_steps", "2", "--samples_per_attribute", "1",
+               "--classifier_epochs", "1", "--extra_config", str(INFERENCE_TINY_CONFIG)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["note"].startswith("phantom data") and res["settings"]["n_cases"] == 2
+    assert res["settings"]["attribute_names"] == ATTRS
+    for mode in ("keep", "inpaint"):
+        r = res["keep_vs_inpaint"][mode]
+        assert r["n_lesions"] + r["n_failed_features"] == 2
+        assert r["mass_iou"] is None or 0.0 <= r["mass_iou"] <= 1.0
+        # seam excess is the edited jump minus the real image's jump over the same ring
+        assert r["seam_excess"] == pytest.approx(r["seam_jump"] - r["real_jump"])
+        assert r["real_jump"] > 0
+    for mech in ("keep", "inpaint"):
+        r = res["removal"][mech]
+        assert r["n"] == 2 and r["mechanism"] == [mech]
+        assert r["contrast"] > 0 and r["ratio"] == pytest.approx(np.mean([c["ratio"] for c in r["per_case"]]))
+        assert 0 <= r["found_after"] <= 2
+    af = res["attribute_fidelity"]
+    assert af["attributes"] == ["view", "density"] and af["n_generated"] == 8  # 2 views x 4 densities x 1 seed
+    assert set(af["accuracy"]["generated"]) == {"view", "density"} and af["accuracy"]["real"]["view"]["n"] > 0
+    sides = sorted((out / "samples" / "attributes").glob("a_*_seed*.json"))
+    assert len(sides) == 8
+    asked = {tuple(sorted(json.loads(p.read_text())["parameters"]["attributes"].items())) for p in sides}
+    assert len(asked) == 8  # every view x density combination was requested
+    for name in ("healthy", "inpaint", "remove", "all"):
+        assert Path(res["figures"][name]).is_file()
+    healthy = json.loads((out / "samples" / "healthy" / "healthy_mlo_high_density_seed0.json").read_text())
+    assert healthy["parameters"]["attributes"] == {"view": "MLO", "density": "C"}
+    # every other sample keeps the pixels outside its region (the edit modes' promise), e.g. the removal
+    table = (out / "results.md").read_text()
+    assert table == format_tables(res) and "FD-radiomics67" in table and "phantom data" in table
+
+
+def test_edit_study_bad_input_is_one_line_and_writes_nothing(study_models, prepared_dir, phantom_dir, tmp_path, capsys):
+    from custom.engines.edit_study import main
+
+    out = tmp_path / "never"
+    base = ["--prepared_dir", str(prepared_dir), "--phantom_dir", str(phantom_dir), "--output", str(out),
+            "--extra_config", str(INFERENCE_TINY_CONFIG)]
+    no_inpaint = tmp_path / "no_inpaint"
+    no_inpaint.mkdir()
+    for name in ("autoencoder.pt", "model.pt", "segmenter.pt", "feature_normalisation.json"):
+        for suffix in ("", ".sha256"):
+            if (study_models / (name + suffix)).is_file():
+                shutil.copyfile(study_models / (name + suffix), no_inpaint / (name + suffix))
+    cases = [
+        (["--ckpt_dir", str(no_inpaint)], "model_inpaint.pt: not found"),
+        (["--ckpt_dir", str(study_models), "--max_cases", "1"], "max_cases: the Fréchet distance needs at least 2"),
+        (["--ckpt_dir", str(study_models), "--classifier", str(tmp_path / "none.pt")], "none.pt: attribute classifier not found"),
+        (["--ckpt_dir", str(study_models), "--segmenter", str(tmp_path / "seg.pt")], "seg.pt: lesion segmenter not found"),
+    ]
+    for extra, words in cases:
+        assert main(base + extra) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("ERROR: ") and words in err and "\n" not in err, err
+    bad_phantom = tmp_path / "empty_phantom"
+    bad_phantom.mkdir()
+    args = base + ["--ckpt_dir", str(study_models)]
+    args[args.index(str(phantom_dir))] = str(bad_phantom)
+    assert main(args) == 1
+    assert "finding_annotations.csv: not found" in capsys.readouterr().err
+    assert not out.exists()
