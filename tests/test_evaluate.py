@@ -177,7 +177,8 @@ def test_evaluate_and_inference_take_the_same_model_definition():
         {k: v for k, v in evaluate["model"].items() if k != "may_differ"}
     assert inference["model"]["may_differ"] == [] and evaluate["model"]["may_differ"] == ["sigma"]
     assert inference["network_def"] == evaluate["network_def"] == "$@model.network"
-    assert evaluate["ddim_steps"] == inference["ddim_steps"] == 20  # the default's steps (recorded in metrics.json)
+    assert inference["ddim_steps"] == 20 and evaluate["ddim_steps"] is None  # evaluate: the protocol's value
+    assert evaluate["protocol"] == "project"  # the project's protocol stays the default
 
 
 def test_lesion_rois_run_labels_and_phantom_detection(prepared_dir, tmp_path):
@@ -195,3 +196,48 @@ def test_lesion_rois_run_labels_and_phantom_detection(prepared_dir, tmp_path):
     assert is_phantom(prepared_dir, "false") is False
     (tmp_path / "summary.json").write_text(json.dumps({"dataset_dir": str(tmp_path / "real_data")}))
     assert is_phantom(tmp_path) is False
+
+
+def test_protocol_gcdm_end_to_end_mass_images_only_with_the_reference_settings(models, prepared_dir, tmp_path):
+    """``run evaluate --protocol gcdm``: only the test images with a mass, 50 DDIM steps, eta 1, guidance 3, one
+    sample each; the headline IoUs / PA are the reference's pooled confusion matrix (breast threshold rule, lesion by
+    the bundle's segmenter inside the boxes, named as such) with the real-image ceiling beside them."""
+    from custom.metrics.protocol import gcdm_test_entries
+
+    test = json.loads((Path(prepared_dir) / "datalist.json").read_text())["test"]
+    n_mass = len(gcdm_test_entries(test))
+    assert 0 < n_mass < len(test)  # the session phantom has healthy test images: the selection is exercised
+    kw = _overrides(models, prepared_dir, tmp_path / "res", protocol="gcdm", label="gcdm")
+    for k in ("ddim_steps", "diversity_cases", "diversity_samples"):
+        kw.pop(k)
+    from monai.bundle import run
+
+    run("evaluate", config_file=CONFIG_LIST, meta_file=str(CONFIGS / "metadata.json"), logging_file=False, **kw)
+    m = json.loads((tmp_path / "res" / "gcdm" / "metrics.json").read_text())
+    st = m["settings"]
+    assert (st["protocol"], st["ddim_steps"], st["ddim_eta"], st["guidance_scale"]) == ("gcdm", 50, 1.0, 3.0)
+    assert st["protocol_deviations"] == {} and m["protocol"] == "gcdm"
+    assert st["n_cases"] == n_mass and st["n_generated"] == n_mass  # mass images only, one sample per mask
+    assert sum("no mass" in s["reason"] for s in m["skipped"]) == len(test) - n_mass
+    g = m["gcdm_protocol"]
+    assert "own lesion segmenter (not MedSAM)" in g["lesion_segmenter"] == m["lesion_segmenter"]
+    for key in ("generated", "real_ceiling"):
+        cm = np.asarray(g[key]["confusion_matrix"])
+        assert cm.shape == (3, 3) and cm.sum() == n_mass * 32 * 32  # one matrix pooled over the mass test images
+        tp = np.diag(cm)
+        assert g[key]["mass_iou"] == pytest.approx(100 * tp[2] / (cm[2].sum() + cm[:, 2].sum() - tp[2]))
+        assert g[key]["pixel_accuracy"] == pytest.approx(100 * tp.sum() / cm.sum())
+    assert m["metrics"]["mass_iou"] == pytest.approx(g["generated"]["mass_iou"] / 100)
+    assert m["metrics"]["ceiling_breast_iou"] == pytest.approx(g["real_ceiling"]["breast_iou"] / 100)
+    report = (tmp_path / "res" / "gcdm" / "report.md").read_text()
+    assert "Protocol: **gcdm**" in report and "not MedSAM" in report and "GCDM pooled confusion matrix" in report
+
+
+def test_protocol_options_are_checked_before_generating(models, prepared_dir, tmp_path):
+    with pytest.raises(Exception) as err:
+        _run(models, prepared_dir, tmp_path / "r", protocol="paper")
+    assert "--protocol" in describe_error(err.value)
+    with pytest.raises(Exception) as err:
+        _run(models, prepared_dir, tmp_path / "r", protocol="gcdm", sam_path=str(tmp_path / "no_sam"))
+    assert "--sam_path" in describe_error(err.value) or "no_sam" in describe_error(err.value)
+    assert not (tmp_path / "r").exists() or not list((tmp_path / "r").rglob("*.png"))
