@@ -1,6 +1,6 @@
 """The ``evaluate`` workflow (``bundle/configs/evaluate.json``): wiring, outputs, ablation rows and their honesty.
 
-The metric formulas (IoU / pixel accuracy from a confusion matrix, FRD, MS-SSIM, ...) are tested in
+The metric formulas (IoU / pixel accuracy from a confusion matrix, FD-radiomics67, MS-SSIM, ...) are tested in
 ``test_metrics.py``; here the real tiny models (trained once per session by the real training configs, see
 ``build_tiny_models``; shared with ``test_inference.py`` through pytest's base temporary folder) generate for the
 session's prepared phantom test split and the workflow's outputs are checked.
@@ -79,7 +79,7 @@ def _in01(v) -> bool:
 def test_cli_writes_metrics_with_the_expected_keys_and_ranges(evaluation):
     m = json.loads((evaluation["run"] / "metrics.json").read_text())
     n = evaluation["n_test"]
-    assert {"metrics", "settings", "controllability", "segmenter_ceiling", "frd", "feature_distance", "diversity",
+    assert {"metrics", "settings", "controllability", "segmenter_ceiling", "fd_radiomics67", "frd_published", "feature_distance", "diversity",
             "reconstruction", "caveat", "skipped", "seconds"} <= set(m)
     s = m["metrics"]
     for key in ("mass_iou", "breast_iou", "pixel_accuracy", "ceiling_breast_iou", "ceiling_pixel_accuracy", "ms_ssim"):
@@ -89,7 +89,9 @@ def test_cli_writes_metrics_with_the_expected_keys_and_ranges(evaluation):
     assert -1.0 <= s["recon_ssim"] <= 1.0 and s["recon_psnr"] > 0
     assert s["feature_distance_name"] == "fsd" and s["feature_distance"] >= 0  # no local Inception: never "fid"
     assert "fid" not in m["feature_distance"] and m["feature_distance"]["fsd_feature_network"] == "segmenter encoder"
-    assert s["frd"] is None or s["frd"] >= 0
+    assert s["fd_radiomics67"] is None or s["fd_radiomics67"] >= 0
+    assert s["frd"] is None and m["frd_published"]["frd"] is None  # the published FRD is off by default (project protocol)
+    assert s["floor_feature_distance"] >= 0  # real-vs-real floor: two halves of the real test set
     cm = np.asarray(m["controllability"]["confusion_matrix"])
     assert cm.shape == (3, 3) and cm.sum() == n * 32 * 32  # ONE matrix pooled over every test image
     assert m["controllability"]["n_images"] == m["segmenter_ceiling"]["n_images"] == n
@@ -131,7 +133,7 @@ def test_sigma_rows_make_the_tradeoff_plot_and_a_mismatched_sigma_is_flagged(eva
     with Image.open(run / "sigma_tradeoff.png") as im:
         assert im.size[0] > 200
     report = (run / "report.md").read_text()
-    assert "## Ablations" in report and "![Mass IoU and FRD vs sigma](sigma_tradeoff.png)" in report
+    assert "## Ablations" in report and "![Mass IoU and FD-radiomics67 vs sigma](sigma_tradeoff.png)" in report
     assert "| sigma2.5_mismatch | gated | 2.5 ⚠ | 1.5 |" in report and "one model trained per sigma" in report
 
 

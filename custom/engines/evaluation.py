@@ -10,7 +10,10 @@ on the prepared test split: one sample per test mask (seed ``seed``) and ``diver
   ``lesion_roi="box"``, the analogue of MedSAM's box prompt) - and ONE 3-class confusion matrix is pooled over the set
   -> Mass IoU, Breast IoU, pixel accuracy; plus the per-image lesion Dice (mean / std);
 * the same protocol on the **real** test images: the ceiling this segmenter allows;
-* **FRD** (radiomics of the lesions, real vs generated at the conditioned lesion masks);
+* **FD-radiomics67** (the project's Fréchet distance of the 67 lesion radiomic features, real vs generated at the
+  conditioned lesion masks; renamed from ``frd``) and, with ``--published_frd`` (default under ``--protocol gcdm``),
+  the **published FRD** (the ``frd-score`` package on 8-bit PNG folders);
+* for every distance a **real-vs-real floor**: the same distance between two disjoint halves of the real test set;
 * a **feature distance**: FID only with a local feature network file (``fid_network``), otherwise FSD, the Fréchet
   distance of the segmenter's encoder features (a different number: never called FID);
 * **diversity**: mean pairwise MS-SSIM among the samples of one condition (lower = more diverse);
@@ -62,6 +65,7 @@ __all__ = [
     "PROTOCOLS",
     "protocol_settings",
     "lesion_segmenter",
+    "published_frd_setting",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,6 +76,8 @@ PROTOCOL_NOTE = ("Protocol differences from the paper: the lesion of a generated
                  "segmenter (trained on the prepared training split) instead of MedSAM; the feature distance is FID "
                  "only with a local Inception-type network file, otherwise FSD (segmenter-encoder features), which is "
                  "not comparable with FID values; fractions are in [0, 1], the paper prints percentages.")
+RENAME_NOTE = ("'fd_radiomics67' is the project's Fréchet distance of the 67 GCDM lesion radiomic features (called "
+               "'frd' before 0.x); 'frd' is now only the published FRD of the frd-score package.")
 SIGMA_NOTE = ("The soft-mask sigma must be the sigma the model was trained with: a sigma sweep needs one model "
               "trained per sigma (--ckpt_dir). Rows whose sigma differs from the model's training sigma measure "
               "robustness to a sigma mismatch, not the sweep, and are flagged.")
@@ -229,6 +235,17 @@ def evaluation_cases(
     return cases
 
 
+def published_frd_setting(value: Any, protocol: str) -> bool:
+    """``--published_frd``: ``None`` -> on under ``--protocol gcdm``, off under the project protocol; when on, the
+    ``frd-score`` package must be installed (checked here, before generation)."""
+    on = (str(protocol).strip().lower() == "gcdm") if value in (None, "", "None", "null", "auto") else as_bool(value)
+    if on:
+        from custom.metrics.frd_published import require_frd_score
+
+        require_frd_score("--published_frd")
+    return on
+
+
 class _BundleSegmenterInBoxes:
     """The bundle's own lesion segmenter used as a box-prompted one: its lesion prediction inside the ground-truth
     boxes, each grown by ``margin`` (:func:`lesion_rois`)."""
@@ -338,10 +355,12 @@ def _metric_rows(m: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         ("Breast IoU (pooled)", _fmt(s.get("breast_iou")), _fmt(s.get("ceiling_breast_iou"))),
         ("Pixel accuracy (pooled)", _fmt(s.get("pixel_accuracy")), _fmt(s.get("ceiling_pixel_accuracy"))),
         ("Mass Dice per image (mean ± std)", dice, cdice),
-        ("FRD (lesion radiomics, lower better)", _fmt(s.get("frd")), "0 (real vs real)"),
+        ("FD-radiomics67 (67 lesion radiomic features; not the published FRD)", _fmt(s.get("fd_radiomics67")),
+         f"{_fmt(s.get('floor_fd_radiomics67'))} (real vs real floor)"),
+        ("FRD (published, frd-score v1)", _fmt(s.get("frd")), f"{_fmt(s.get('floor_frd'))} (real vs real floor)"),
         ("Radiomics fidelity (mean Spearman, requested vs measured per lesion)", _fmt(s.get("radiomics_fidelity")),
          f"{_fmt(s.get('ceiling_radiomics_fidelity'))} (real vs its stage-1 reconstruction)"),
-        (fd_label, _fmt(s.get("feature_distance")), "0 (real vs real)"),
+        (fd_label, _fmt(s.get("feature_distance")), f"{_fmt(s.get('floor_feature_distance'))} (real vs real floor)"),
         ("MS-SSIM diversity (lower = more diverse)", _fmt(s.get("ms_ssim")), ""),
         ("Stage-1 reconstruction SSIM / PSNR (dB)", f"{_fmt(s.get('recon_ssim'))} / {_fmt(s.get('recon_psnr'))}", ""),
     ]
@@ -375,7 +394,8 @@ class EvaluationReport:
         roi_margin, lesion_threshold: see :func:`lesion_rois` / :func:`custom.metrics.segment_generated`.
         fid_network, fid_in_channels, fid_input_size, fid_input_range: the FID feature network file and its
             preprocessing; ``None``: FSD with the segmenter encoder.
-        frd_region: ``"lesion"`` or ``"breast"``.
+        fd_radiomics67_region: ``"lesion"`` or ``"breast"`` (renamed from ``frd_region``).
+        published_frd: also compute the published FRD (``frd-score``) and its floor.
         params_file: PyRadiomics parameters.
         figure_cases: rows of the figure grid.
         device: where the networks run.
@@ -404,12 +424,13 @@ class EvaluationReport:
         fid_in_channels: int = 3,
         fid_input_size: int | None = 299,
         fid_input_range: str = "imagenet",
-        frd_region: str = "lesion",
+        fd_radiomics67_region: str = "lesion",
         params_file: str | os.PathLike | None = None,
         figure_cases: int = 6,
         device: str | torch.device = "cpu",
         protocol: str = "project",
         box_segmenter: Any = None,
+        published_frd: bool = False,
     ) -> None:
         if str(protocol).strip().lower() not in PROTOCOLS:
             raise MammoInputError("--protocol", f"use one of {list(PROTOCOLS)}, got {protocol!r}")
@@ -427,7 +448,8 @@ class EvaluationReport:
         self.roi_margin, self.lesion_threshold = float(roi_margin), float(lesion_threshold)
         self.fid = None if fid_network in (None, "", "None", "null") else str(fid_network)
         self.fid_prep = {"in_channels": int(fid_in_channels), "input_size": fid_input_size, "input_range": fid_input_range}
-        self.frd_region = frd_region
+        self.fd_radiomics67_region = fd_radiomics67_region
+        self.published_frd = as_bool(published_frd)
         self.params_file = params_file
         self.figure_cases = int(figure_cases)
         self.device = device
@@ -450,7 +472,7 @@ class EvaluationReport:
         from custom.metrics import (
             FeatureDistance,
             controllability_metrics,
-            frd_metrics,
+            fd_radiomics67_metrics,
             ms_ssim_diversity,
             reconstruction_metrics,
         )
@@ -473,24 +495,49 @@ class EvaluationReport:
             control = {**control, "project_rule": {k: control[k] for k in ("mass_iou", "breast_iou", "pixel_accuracy")}}
         seconds["controllability"] = time.time() - t0
 
+        # real-vs-real floors: two disjoint halves of the real test set (even / odd positions)
+        half_a, half_b = slice(0, None, 2), slice(1, None, 2)
+        n_real = a["real"].shape[0]
+        floor_note = f"real test images at even vs odd positions ({(n_real + 1) // 2} vs {n_real // 2})"
+
         t0 = time.time()
-        frd_kwargs = {"region": self.frd_region}
+        fdr_kwargs = {"region": self.fd_radiomics67_region}
         if self.params_file:
-            frd_kwargs["params_file"] = self.params_file
-        masks = a["instances"] if self.frd_region == "lesion" else None
-        frd = frd_metrics(a["real"], masks, a["gen"], masks, **frd_kwargs)
-        seconds["frd"] = time.time() - t0
+            fdr_kwargs["params_file"] = self.params_file
+        masks = a["instances"] if self.fd_radiomics67_region == "lesion" else None
+        fd_rad = fd_radiomics67_metrics(a["real"], masks, a["gen"], masks, **fdr_kwargs)
+        fd_rad_floor = fd_radiomics67_metrics(a["real"][half_a], None if masks is None else masks[half_a],
+                                              a["real"][half_b], None if masks is None else masks[half_b], **fdr_kwargs)
+        fd_rad["floor_real_vs_real"] = fd_rad_floor["fd_radiomics67"]
+        fd_rad["floor_note"] = floor_note
+        seconds["fd_radiomics67"] = time.time() - t0
 
         t0 = time.time()
         if len(self.cases.cases) >= 2:
             fd = FeatureDistance(feature_network=self.fid, segmenter=self.segmenter, device=self.device,
                                  **(self.fid_prep if self.fid else {}))
-            feature = fd(real_t, gen_t)
+            emb_real, emb_gen = fd.embed(real_t), fd.embed(gen_t)
+            feature = fd.distance(emb_real, emb_gen)
             feature["name"] = fd.name
             feature["value"] = feature[fd.name]
+            feature["floor_real_vs_real"] = (fd.distance(emb_real[half_a], emb_real[half_b])[fd.name]
+                                             if n_real >= 4 else None)
+            feature["floor_note"] = floor_note if n_real >= 4 else "needs at least 4 real images (2 per half)"
         else:
-            feature = {"name": "fid" if self.fid else "fsd", "value": None, "note": "needs at least 2 images per set"}
+            feature = {"name": "fid" if self.fid else "fsd", "value": None, "note": "needs at least 2 images per set",
+                       "floor_real_vs_real": None}
         seconds["feature_distance"] = time.time() - t0
+
+        t0 = time.time()
+        published = None
+        if self.published_frd:
+            from custom.metrics.frd_published import published_frd
+
+            published = published_frd(a["real"], a["gen"])
+            floor = published_frd(a["real"][half_a], a["real"][half_b]) if n_real >= 4 else {"frd": None}
+            published["floor_real_vs_real"] = floor["frd"]
+            published["floor_note"] = floor_note if n_real >= 4 else "needs at least 4 real images (2 per half)"
+            seconds["published_frd"] = time.time() - t0
 
         t0 = time.time()
         per_condition = []
@@ -539,9 +586,13 @@ class EvaluationReport:
             "ceiling_pixel_accuracy": ceiling["pixel_accuracy"],
             "ceiling_mass_dice_mean": ceiling["mass_dice_mean"],
             "ceiling_mass_dice_std": ceiling["mass_dice_std"],
-            "frd": frd["frd"],
+            "fd_radiomics67": fd_rad["fd_radiomics67"],
+            "floor_fd_radiomics67": fd_rad["floor_real_vs_real"],
+            "frd": published["frd"] if published else None,
+            "floor_frd": published["floor_real_vs_real"] if published else None,
             "feature_distance": feature["value"],
             "feature_distance_name": feature["name"],
+            "floor_feature_distance": feature.get("floor_real_vs_real"),
             "ms_ssim": diversity["ms_ssim_mean"],
             "recon_ssim": reconstruction["ssim_mean"],
             "recon_psnr": reconstruction["psnr_mean"],
@@ -576,7 +627,9 @@ class EvaluationReport:
             },
             "controllability": control,
             "segmenter_ceiling": ceiling,
-            "frd": frd,
+            "fd_radiomics67": fd_rad,
+            "frd_published": published if published else {"frd": None, "note": "not computed (--published_frd false)"},
+            "rename_note": RENAME_NOTE,
             "feature_distance": feature,
             "diversity": diversity,
             "reconstruction": reconstruction,
@@ -649,7 +702,7 @@ class EvaluationReport:
         pts = sorted(pts, key=lambda r: float(r["sigma"]))
         fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(5.5, 5.2), sharex=True)
         for ax, key, color, name in ((ax1, "mass_iou", "tab:blue", "Mass IoU (higher better)"),
-                                     (ax2, "frd", "tab:red", "FRD (lower better)")):
+                                     (ax2, "fd_radiomics67", "tab:red", "FD-radiomics67 (lower better)")):
             for matched in (True, False):
                 sel = [r for r in pts if bool(r.get("sigma_matches_training")) == matched and r.get(key) is not None]
                 if not sel:
@@ -688,7 +741,8 @@ class EvaluationReport:
             "breast_iou": m["breast_iou"],
             "pixel_accuracy": m["pixel_accuracy"],
             "mass_dice_mean": m["mass_dice_mean"],
-            "frd": m["frd"],
+            "fd_radiomics67": m["fd_radiomics67"],
+            "frd": m.get("frd"),
             "feature_distance": m["feature_distance"],
             "feature_distance_name": m["feature_distance_name"],
             "ms_ssim": m["ms_ssim"],
@@ -735,18 +789,18 @@ class EvaluationReport:
                   "image the mask was drawn from.", ""]
         if len(rows) > 1 or sigma_plot:
             lines += ["## Ablations", "", "| run | conditioning | σ | σ trained | cases | DDIM steps | Mass IoU | Breast IoU | "
-                      "pixel acc. | FRD | feature dist. | MS-SSIM |",
+                      "pixel acc. | FD-radiomics67 | feature dist. | MS-SSIM |",
                       "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
             for r in rows:
                 flag = "" if r.get("sigma_matches_training") in (True, None) else " ⚠"
                 lines.append(f"| {r.get('label')} | {r.get('conditioning_mode')} | {_fmt(r.get('sigma'))}{flag} | "
                              f"{_fmt(r.get('sigma_trained'))} | {_fmt(r.get('n_cases'))} | {_fmt(r.get('ddim_steps'))} | "
                              f"{_fmt(r.get('mass_iou'))} | {_fmt(r.get('breast_iou'))} | "
-                             f"{_fmt(r.get('pixel_accuracy'))} | {_fmt(r.get('frd'))} | "
+                             f"{_fmt(r.get('pixel_accuracy'))} | {_fmt(r.get('fd_radiomics67'))} | "
                              f"{_fmt(r.get('feature_distance'))} ({r.get('feature_distance_name')}) | {_fmt(r.get('ms_ssim'))} |")
             lines += ["", f"⚠ = {SIGMA_NOTE}", ""]
             if sigma_plot:
-                lines += [f"![Mass IoU and FRD vs sigma]({sigma_plot})", ""]
+                lines += [f"![Mass IoU and FD-radiomics67 vs sigma]({sigma_plot})", ""]
         lines += ["## Notes", "", f"- {m.get('protocol_note', PROTOCOL_NOTE)}", f"- {SIGMA_NOTE}",
                   f"- Timings (s): {', '.join(f'{k} {v}' for k, v in m['seconds'].items())}."]
         if self.phantom:
