@@ -80,6 +80,32 @@ def test_paper_config_trains_two_iterations_and_samples(tmp_path, prepared_dir):
                       decoder=latent_encoder, progress=False)
     assert out.latents.shape == (1, 4, 8, 8) and out.images.shape == (1, 1, 64, 64)
     assert torch.isfinite(out.images).all() and 0 <= out.images.min() and out.images.max() <= 1
+    # inference through the checkpoint record: the record says stage 1 is the SD VAE read from sd_path, so
+    # BundleModel (run inference / evaluate / the label app) rebuilds it; no autoencoder.pt exists
+    from custom.engines.sd_latents import SDLatentEncoder
+    from custom.workflows.bundle import BundleModel
+
+    models = tmp_path / "models"
+    assert not (models / "autoencoder.pt").exists()
+    bm = BundleModel(REPO / "bundle", models / "model.pt", models / "autoencoder.pt")
+    assert bm["stage1_kind"] == "sd_vae" and bm["sd_path"] == str(ckpt) and bm["mask_latent_channels"] == 4
+    enc = bm.latent_encoder
+    assert isinstance(enc, SDLatentEncoder) and enc.scale_factor == pytest.approx(0.18215)
+    with torch.no_grad():
+        assert (enc.encode(x) - want).abs().max() <= 1e-4  # the file's VAE, 1 channel replicated to 3
+    ema = torch.load(models / "model.pt", weights_only=True)["model"]
+    assert all(torch.equal(v, ema[k]) for k, v in bm.network.state_dict().items())
+    from monai.bundle import run
+
+    run("inference", config_file=[str(CONFIGS / "inference.json")], meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=False, ckpt_dir=str(models), datalist=str(Path(prepared_dir) / "datalist.json"), split="test",
+        max_cases=1, ddim_steps=2, output_dir=str(tmp_path / "samples"), progress=False, device="$torch.device('cpu')")
+    pngs = sorted((tmp_path / "samples").rglob("*.png"))
+    assert len(pngs) == 1
+    from PIL import Image
+
+    with Image.open(pngs[0]) as im:
+        assert im.size == (64, 64)
 
 
 def test_random_sd_weights_option_builds_without_files(tmp_path, prepared_dir):
