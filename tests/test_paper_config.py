@@ -106,6 +106,35 @@ def test_paper_config_trains_two_iterations_and_samples(tmp_path, prepared_dir):
 
     with Image.open(pngs[0]) as im:
         assert im.size == (64, 64)
+    # README "Reproducing GCDM" step 5: run evaluate --protocol gcdm with a box-prompted SAM from a local folder and
+    # FID from a local FID-Inception file (random weights in the standard file format)
+    from custom.metrics.inception import FIDInceptionV3
+    from sd_tiny import save_tiny_sam
+
+    sam = save_tiny_sam(tmp_path / "medsam")
+    inception = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(FIDInceptionV3().state_dict(), inception)
+    seg_dir = tmp_path / "seg"
+    run("training", config_file=[str(CONFIGS / "train_segmenter.json"), str(REPO / "tests" / "configs" / "inf_tiny.json")],
+        meta_file=str(CONFIGS / "metadata.json"), logging_file=False, prepared_dir=str(prepared_dir),
+        ckpt_dir=str(seg_dir), log_dir=str(tmp_path / "seg_log"), segmenter_channels=[4, 8], max_epochs=1, batch_size=4)
+    torch.set_num_threads(1)
+    run("evaluate", config_file=[str(CONFIGS / "evaluate.json")], meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=False, ckpt_dir=str(models), prepared_dir=str(prepared_dir), segmenter_path=str(seg_dir / "segmenter.pt"),
+        results_dir=str(tmp_path / "eval"), label="gcdm", protocol="gcdm", sam_path=str(sam), fid_network=str(inception),
+        ddim_steps=5, figure_cases=1, progress=False, device="$torch.device('cpu')")
+    import hashlib
+    import json
+
+    m = json.loads((tmp_path / "eval" / "gcdm" / "metrics.json").read_text())
+    assert m["protocol"] == "gcdm" and m["lesion_segmenter"].startswith("MedSAM/SAM (box-prompted")
+    assert m["settings"]["protocol_deviations"] == {"ddim_steps": {"reference": 50, "used": 5}}  # shortened, recorded
+    assert m["feature_distance"]["name"] == "fid" and m["metrics"]["feature_distance"] >= 0
+    assert m["feature_distance"]["fid_feature_network_sha256"] == hashlib.sha256(inception.read_bytes()).hexdigest()
+    assert m["frd_published"]["package"].startswith("frd-score")  # on by default under --protocol gcdm
+    g = m["gcdm_protocol"]
+    assert sum(map(sum, g["generated"]["confusion_matrix"])) == m["settings"]["n_cases"] * 64 * 64
+    assert "Deviations from the reference protocol" in (tmp_path / "eval" / "gcdm" / "report.md").read_text()
 
 
 def test_random_sd_weights_option_builds_without_files(tmp_path, prepared_dir):
