@@ -150,3 +150,27 @@ def test_random_sd_weights_option_builds_without_files(tmp_path, prepared_dir):
     soft[:, 1] = 1
     assert enc.encode(torch.rand(1, 1, 64, 64)).shape == (1, 4, 8, 8) and enc.encode_mask(soft).shape == (1, 4, 8, 8)
     assert enc.decode(torch.zeros(1, 4, 8, 8)).shape == (1, 1, 64, 64)
+
+
+def test_paper_512_config_wiring_with_tiny_widths(tmp_path, prepared_dir):
+    """paper_512.json over paper.json (tiny widths from paper_tiny.json, paper_512's own values last): 512² images give
+    4×64×64 SD-VAE latents, the widened UNet denoises them, and the batch / accumulation settings are paper_512's."""
+    p = ConfigParser()
+    p.read_config([str(f) for f in FILES] + [str(CONFIGS / "paper_512.json")])
+    p.update({"prepared_dir": str(prepared_dir), "latent_cache_dir": str(tmp_path / "cache"),
+              "ckpt_dir": str(tmp_path / "models"), "device": "$torch.device('cpu')", "sd_random_weights": True,
+              "clip_kwargs": {"image_size": 32, "patch_size": 16, "hidden_size": 32, "num_hidden_layers": 1,
+                              "num_attention_heads": 2, "intermediate_size": 64, "projection_dim": 24,
+                              "output": "projected"}})
+    assert (p.get_parsed_content("image_size"), p.get_parsed_content("batch_size"),
+            p.get_parsed_content("gradient_accumulation")) == (512, 4, 4)
+    enc = p.get_parsed_content("latent_encoder")
+    with torch.no_grad():
+        z = enc.encode(torch.rand(1, 1, 512, 512))
+        assert z.shape == (1, 4, 64, 64)  # KL-f8: 512 / 8
+        assert enc.decode(z).shape == (1, 1, 512, 512)
+        net = p.get_parsed_content("network_def")
+        assert net.unet.in_channels == 8
+        out = net.unet(torch.cat([z, torch.zeros_like(z)], 1), timesteps=torch.tensor([10]),
+                       context=torch.zeros(1, 1, 24))
+    assert out.shape == (1, 4, 64, 64)
