@@ -59,7 +59,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
 	$(BIN)/python -m pip install -q numpy setuptools versioneer wheel
 	$(BIN)/python -m pip install -q --no-build-isolation "pyradiomics==3.0.1"
-	$(BIN)/python -m pip install -q -e ".[test,tracking]"
+	$(BIN)/python -m pip install -q -e ".[test,tracking,frd]"
 	@touch $(STAMP)
 
 # monailabel needs pydicom 2 (the product keeps pydicom 3), so it gets its own environment; torch first

@@ -12,7 +12,7 @@ Sub-packages, one concern each, from the bottom layer up (a module imports only 
 - ``custom.engines``: Ignite trainers/evaluators (``monai.engines``), prepare-batch classes, inferers, handlers,
   DDIM sampling, checkpoints, the inference, evaluation, synthesize (sharded synthetic cohorts) and downstream
   (task model on real / real+synthetic / synthetic) workflows.
-- ``custom.metrics``: controllability (pooled IoU, Dice), FRD, FID/segmenter-feature distance, diversity.
+- ``custom.metrics``: controllability (pooled IoU, Dice), FD-radiomics67 and the published FRD, FID/segmenter-feature distance, diversity.
 - ``custom.workflows``: the bundle as a whole (bundle root, options, the recorded model definition) and export.
 - ``custom.label_app``: the MONAI Label app (runs in its own environment, calls the bundle's inference).
 """

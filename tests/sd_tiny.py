@@ -80,3 +80,19 @@ def save_image_conditioned_single_file(path: Path) -> dict:
     ldm.update({"betas": torch.linspace(0, 1, 10), "cc_projection.weight": torch.zeros(24, 28)})
     save_file(ldm, str(path))
     return {"unet": unet, "vae": vae, "clip": clip}
+
+
+def save_tiny_sam(folder):
+    """A tiny random transformers ``SamModel`` + ``SamProcessor`` saved with ``save_pretrained`` (MedSAM's format)."""
+    from transformers import (SamConfig, SamImageProcessor, SamMaskDecoderConfig, SamModel, SamProcessor,
+                              SamPromptEncoderConfig, SamVisionConfig)
+
+    vc = SamVisionConfig(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                         patch_size=16, mlp_dim=64, global_attn_indexes=[1], window_size=2, num_pos_feats=8)
+    pc = SamPromptEncoderConfig(hidden_size=16, image_size=64, patch_size=16, mask_input_channels=4)
+    mc = SamMaskDecoderConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, mlp_dim=32,
+                              iou_head_hidden_dim=16)
+    SamModel(SamConfig(vision_config=vc.to_dict(), prompt_encoder_config=pc.to_dict(),
+                       mask_decoder_config=mc.to_dict())).save_pretrained(folder)
+    SamProcessor(SamImageProcessor(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})).save_pretrained(folder)
+    return folder

@@ -1,6 +1,6 @@
 """The ``evaluate`` workflow (``bundle/configs/evaluate.json``): wiring, outputs, ablation rows and their honesty.
 
-The metric formulas (IoU / pixel accuracy from a confusion matrix, FRD, MS-SSIM, ...) are tested in
+The metric formulas (IoU / pixel accuracy from a confusion matrix, FD-radiomics67, MS-SSIM, ...) are tested in
 ``test_metrics.py``; here the real tiny models (trained once per session by the real training configs, see
 ``build_tiny_models``; shared with ``test_inference.py`` through pytest's base temporary folder) generate for the
 session's prepared phantom test split and the workflow's outputs are checked.
@@ -79,7 +79,7 @@ def _in01(v) -> bool:
 def test_cli_writes_metrics_with_the_expected_keys_and_ranges(evaluation):
     m = json.loads((evaluation["run"] / "metrics.json").read_text())
     n = evaluation["n_test"]
-    assert {"metrics", "settings", "controllability", "segmenter_ceiling", "frd", "feature_distance", "diversity",
+    assert {"metrics", "settings", "controllability", "segmenter_ceiling", "fd_radiomics67", "frd_published", "feature_distance", "diversity",
             "reconstruction", "caveat", "skipped", "seconds"} <= set(m)
     s = m["metrics"]
     for key in ("mass_iou", "breast_iou", "pixel_accuracy", "ceiling_breast_iou", "ceiling_pixel_accuracy", "ms_ssim"):
@@ -89,7 +89,9 @@ def test_cli_writes_metrics_with_the_expected_keys_and_ranges(evaluation):
     assert -1.0 <= s["recon_ssim"] <= 1.0 and s["recon_psnr"] > 0
     assert s["feature_distance_name"] == "fsd" and s["feature_distance"] >= 0  # no local Inception: never "fid"
     assert "fid" not in m["feature_distance"] and m["feature_distance"]["fsd_feature_network"] == "segmenter encoder"
-    assert s["frd"] is None or s["frd"] >= 0
+    assert s["fd_radiomics67"] is None or s["fd_radiomics67"] >= 0
+    assert s["frd"] is None and m["frd_published"]["frd"] is None  # the published FRD is off by default (project protocol)
+    assert s["floor_feature_distance"] >= 0  # real-vs-real floor: two halves of the real test set
     cm = np.asarray(m["controllability"]["confusion_matrix"])
     assert cm.shape == (3, 3) and cm.sum() == n * 32 * 32  # ONE matrix pooled over every test image
     assert m["controllability"]["n_images"] == m["segmenter_ceiling"]["n_images"] == n
@@ -131,7 +133,7 @@ def test_sigma_rows_make_the_tradeoff_plot_and_a_mismatched_sigma_is_flagged(eva
     with Image.open(run / "sigma_tradeoff.png") as im:
         assert im.size[0] > 200
     report = (run / "report.md").read_text()
-    assert "## Ablations" in report and "![Mass IoU and FRD vs sigma](sigma_tradeoff.png)" in report
+    assert "## Ablations" in report and "![Mass IoU and FD-radiomics67 vs sigma](sigma_tradeoff.png)" in report
     assert "| sigma2.5_mismatch | gated | 2.5 ⚠ | 1.5 |" in report and "one model trained per sigma" in report
 
 
@@ -177,7 +179,8 @@ def test_evaluate_and_inference_take_the_same_model_definition():
         {k: v for k, v in evaluate["model"].items() if k != "may_differ"}
     assert inference["model"]["may_differ"] == [] and evaluate["model"]["may_differ"] == ["sigma"]
     assert inference["network_def"] == evaluate["network_def"] == "$@model.network"
-    assert evaluate["ddim_steps"] == inference["ddim_steps"] == 20  # the default's steps (recorded in metrics.json)
+    assert inference["ddim_steps"] == 20 and evaluate["ddim_steps"] is None  # evaluate: the protocol's value
+    assert evaluate["protocol"] == "project"  # the project's protocol stays the default
 
 
 def test_lesion_rois_run_labels_and_phantom_detection(prepared_dir, tmp_path):
@@ -195,3 +198,48 @@ def test_lesion_rois_run_labels_and_phantom_detection(prepared_dir, tmp_path):
     assert is_phantom(prepared_dir, "false") is False
     (tmp_path / "summary.json").write_text(json.dumps({"dataset_dir": str(tmp_path / "real_data")}))
     assert is_phantom(tmp_path) is False
+
+
+def test_protocol_gcdm_end_to_end_mass_images_only_with_the_reference_settings(models, prepared_dir, tmp_path):
+    """``run evaluate --protocol gcdm``: only the test images with a mass, 50 DDIM steps, eta 1, guidance 3, one
+    sample each; the headline IoUs / PA are the reference's pooled confusion matrix (breast threshold rule, lesion by
+    the bundle's segmenter inside the boxes, named as such) with the real-image ceiling beside them."""
+    from custom.metrics.protocol import gcdm_test_entries
+
+    test = json.loads((Path(prepared_dir) / "datalist.json").read_text())["test"]
+    n_mass = len(gcdm_test_entries(test))
+    assert 0 < n_mass < len(test)  # the session phantom has healthy test images: the selection is exercised
+    kw = _overrides(models, prepared_dir, tmp_path / "res", protocol="gcdm", label="gcdm")
+    for k in ("ddim_steps", "diversity_cases", "diversity_samples"):
+        kw.pop(k)
+    from monai.bundle import run
+
+    run("evaluate", config_file=CONFIG_LIST, meta_file=str(CONFIGS / "metadata.json"), logging_file=False, **kw)
+    m = json.loads((tmp_path / "res" / "gcdm" / "metrics.json").read_text())
+    st = m["settings"]
+    assert (st["protocol"], st["ddim_steps"], st["ddim_eta"], st["guidance_scale"]) == ("gcdm", 50, 1.0, 3.0)
+    assert st["protocol_deviations"] == {} and m["protocol"] == "gcdm"
+    assert st["n_cases"] == n_mass and st["n_generated"] == n_mass  # mass images only, one sample per mask
+    assert sum("no mass" in s["reason"] for s in m["skipped"]) == len(test) - n_mass
+    g = m["gcdm_protocol"]
+    assert "own lesion segmenter (not MedSAM)" in g["lesion_segmenter"] == m["lesion_segmenter"]
+    for key in ("generated", "real_ceiling"):
+        cm = np.asarray(g[key]["confusion_matrix"])
+        assert cm.shape == (3, 3) and cm.sum() == n_mass * 32 * 32  # one matrix pooled over the mass test images
+        tp = np.diag(cm)
+        assert g[key]["mass_iou"] == pytest.approx(100 * tp[2] / (cm[2].sum() + cm[:, 2].sum() - tp[2]))
+        assert g[key]["pixel_accuracy"] == pytest.approx(100 * tp.sum() / cm.sum())
+    assert m["metrics"]["mass_iou"] == pytest.approx(g["generated"]["mass_iou"] / 100)
+    assert m["metrics"]["ceiling_breast_iou"] == pytest.approx(g["real_ceiling"]["breast_iou"] / 100)
+    report = (tmp_path / "res" / "gcdm" / "report.md").read_text()
+    assert "Protocol: **gcdm**" in report and "not MedSAM" in report and "GCDM pooled confusion matrix" in report
+
+
+def test_protocol_options_are_checked_before_generating(models, prepared_dir, tmp_path):
+    with pytest.raises(Exception) as err:
+        _run(models, prepared_dir, tmp_path / "r", protocol="paper")
+    assert "--protocol" in describe_error(err.value)
+    with pytest.raises(Exception) as err:
+        _run(models, prepared_dir, tmp_path / "r", protocol="gcdm", sam_path=str(tmp_path / "no_sam"))
+    assert "--sam_path" in describe_error(err.value) or "no_sam" in describe_error(err.value)
+    assert not (tmp_path / "r").exists() or not list((tmp_path / "r").rglob("*.png"))

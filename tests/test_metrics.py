@@ -1,4 +1,4 @@
-"""Evaluation metrics (custom.metrics): controllability, Fréchet distances (FRD, FID/FSD), diversity, reconstruction.
+"""Evaluation metrics (custom.metrics): controllability, Fréchet distances (FD-radiomics67, FID/FSD), diversity, reconstruction.
 
 Everything runs on small synthetic arrays; no phantom data set is needed.
 """
@@ -21,7 +21,7 @@ from custom.metrics import (
     SegmenterEncoder,
     controllability_metrics,
     extract_radiomic_features,
-    frd_metrics,
+    fd_radiomics67_metrics,
     frechet_distance,
     frechet_distance_from_features,
     frechet_radiomics_distance,
@@ -201,7 +201,7 @@ def test_frechet_distance_from_features_agrees_with_monai_and_handles_singular_c
         frechet_distance_from_features(x[:1], y)
 
 
-# --------------------------------------------------------------------------------------------------------------- FRD
+# ------------------------------------------------------------------------------------------------- FD-radiomics67
 def _lesion_set(n=12, seed=0, size=64):
     rng = np.random.default_rng(seed)
     imgs, masks = np.zeros((n, 1, size, size)), np.zeros((n, 1, size, size), np.uint8)
@@ -214,7 +214,7 @@ def _lesion_set(n=12, seed=0, size=64):
     return imgs, masks
 
 
-def test_frd_self_is_zero_and_grows_with_noise():
+def test_fd_radiomics67_self_is_zero_and_grows_with_noise():
     imgs, masks = _lesion_set()
     real, info = extract_radiomic_features(imgs, masks)
     assert real.shape == (12, 67) and info["n_regions"] == 12 and info["n_failed"] == 0
@@ -228,10 +228,10 @@ def test_frd_self_is_zero_and_grows_with_noise():
     assert values[0] > 0 and values[0] < values[1] < values[2], values
 
 
-def test_frd_metrics_dict_regions_and_scaler():
+def test_fd_radiomics67_metrics_dict_regions_and_scaler():
     imgs, masks = _lesion_set(n=4, seed=3)
-    res = frd_metrics(imgs, masks, imgs, masks)
-    assert res["frd"] == pytest.approx(0.0, abs=1e-6) and res["frd_n_real"] == 4 and res["frd_normalisation"] == "zscore_real"
+    res = fd_radiomics67_metrics(imgs, masks, imgs, masks)
+    assert res["fd_radiomics67"] == pytest.approx(0.0, abs=1e-6) and res["fd_radiomics67_n_real"] == 4 and res["fd_radiomics67_normalisation"] == "zscore_real"
     json.dumps(res, allow_nan=False)
     # whole-breast region: one vector per image
     feats, info = extract_radiomic_features(np.stack([_disc_image()] * 2), region="breast")
@@ -363,3 +363,32 @@ def test_reconstruction_ssim_psnr():
     noisy = (target + 0.2 * torch.rand(target.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
     assert reconstruction_metrics(noisy, target)["ssim_mean"] < 0.9
     json.dumps(perfect, allow_nan=False)
+
+
+# ---------------------------------------------------------------------------------------- published FRD (frd-score)
+def test_published_frd_runs_frd_score_on_8bit_png_folders(tmp_path, monkeypatch):
+    """The published FRD is the frd-score package on PNG folders: the folders hold the 8-bit images, the value is
+    frd-score's own on those folders, and it differs from the project's fd_radiomics67 key (never the same name)."""
+    from PIL import Image
+
+    from custom.metrics.frd_published import published_frd, write_png_folder
+
+    rng = np.random.default_rng(0)
+    imgs = np.zeros((4, 1, 24, 24))
+    imgs[:, :, 4:20, 2:14] = 0.5 + 0.3 * rng.random((4, 1, 16, 12))
+    paths = write_png_folder(imgs[:2], tmp_path / "a")
+    with Image.open(paths[0]) as im:
+        arr = np.asarray(im)
+    assert im.mode == "L" and np.array_equal(arr, (imgs[0, 0] * 255).round().astype(np.uint8))
+    write_png_folder(imgs[2:], tmp_path / "b")
+    from frd_score import compute_frd
+
+    direct = float(compute_frd([str(tmp_path / "a"), str(tmp_path / "b")], num_workers=1))
+    res = published_frd(imgs[:2], imgs[2:])
+    assert res["frd"] == pytest.approx(direct) and res["package"].startswith("frd-score ")
+    assert res["n_real"] == res["n_generated"] == 2
+    import frd_score
+
+    monkeypatch.setattr(frd_score, "compute_frd", lambda *a, **k: float("-inf"))  # what it returns for identical sets
+    same = published_frd(imgs[:2], imgs[:2])
+    assert same["frd"] is None and "identical" in same["note"]  # log(0) is reported, not written as -inf

@@ -80,6 +80,61 @@ def test_paper_config_trains_two_iterations_and_samples(tmp_path, prepared_dir):
                       decoder=latent_encoder, progress=False)
     assert out.latents.shape == (1, 4, 8, 8) and out.images.shape == (1, 1, 64, 64)
     assert torch.isfinite(out.images).all() and 0 <= out.images.min() and out.images.max() <= 1
+    # inference through the checkpoint record: the record says stage 1 is the SD VAE read from sd_path, so
+    # BundleModel (run inference / evaluate / the label app) rebuilds it; no autoencoder.pt exists
+    from custom.engines.sd_latents import SDLatentEncoder
+    from custom.workflows.bundle import BundleModel
+
+    models = tmp_path / "models"
+    assert not (models / "autoencoder.pt").exists()
+    bm = BundleModel(REPO / "bundle", models / "model.pt", models / "autoencoder.pt")
+    assert bm["stage1_kind"] == "sd_vae" and bm["sd_path"] == str(ckpt) and bm["mask_latent_channels"] == 4
+    enc = bm.latent_encoder
+    assert isinstance(enc, SDLatentEncoder) and enc.scale_factor == pytest.approx(0.18215)
+    with torch.no_grad():
+        assert (enc.encode(x) - want).abs().max() <= 1e-4  # the file's VAE, 1 channel replicated to 3
+    ema = torch.load(models / "model.pt", weights_only=True)["model"]
+    assert all(torch.equal(v, ema[k]) for k, v in bm.network.state_dict().items())
+    from monai.bundle import run
+
+    run("inference", config_file=[str(CONFIGS / "inference.json")], meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=False, ckpt_dir=str(models), datalist=str(Path(prepared_dir) / "datalist.json"), split="test",
+        max_cases=1, ddim_steps=2, output_dir=str(tmp_path / "samples"), progress=False, device="$torch.device('cpu')")
+    pngs = sorted((tmp_path / "samples").rglob("*.png"))
+    assert len(pngs) == 1
+    from PIL import Image
+
+    with Image.open(pngs[0]) as im:
+        assert im.size == (64, 64)
+    # README "Reproducing GCDM" step 5: run evaluate --protocol gcdm with a box-prompted SAM from a local folder and
+    # FID from a local FID-Inception file (random weights in the standard file format)
+    from custom.metrics.inception import FIDInceptionV3
+    from sd_tiny import save_tiny_sam
+
+    sam = save_tiny_sam(tmp_path / "medsam")
+    inception = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(FIDInceptionV3().state_dict(), inception)
+    seg_dir = tmp_path / "seg"
+    run("training", config_file=[str(CONFIGS / "train_segmenter.json"), str(REPO / "tests" / "configs" / "inf_tiny.json")],
+        meta_file=str(CONFIGS / "metadata.json"), logging_file=False, prepared_dir=str(prepared_dir),
+        ckpt_dir=str(seg_dir), log_dir=str(tmp_path / "seg_log"), segmenter_channels=[4, 8], max_epochs=1, batch_size=4)
+    torch.set_num_threads(1)
+    run("evaluate", config_file=[str(CONFIGS / "evaluate.json")], meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=False, ckpt_dir=str(models), prepared_dir=str(prepared_dir), segmenter_path=str(seg_dir / "segmenter.pt"),
+        results_dir=str(tmp_path / "eval"), label="gcdm", protocol="gcdm", sam_path=str(sam), fid_network=str(inception),
+        ddim_steps=5, figure_cases=1, progress=False, device="$torch.device('cpu')")
+    import hashlib
+    import json
+
+    m = json.loads((tmp_path / "eval" / "gcdm" / "metrics.json").read_text())
+    assert m["protocol"] == "gcdm" and m["lesion_segmenter"].startswith("MedSAM/SAM (box-prompted")
+    assert m["settings"]["protocol_deviations"] == {"ddim_steps": {"reference": 50, "used": 5}}  # shortened, recorded
+    assert m["feature_distance"]["name"] == "fid" and m["metrics"]["feature_distance"] >= 0
+    assert m["feature_distance"]["fid_feature_network_sha256"] == hashlib.sha256(inception.read_bytes()).hexdigest()
+    assert m["frd_published"]["package"].startswith("frd-score")  # on by default under --protocol gcdm
+    g = m["gcdm_protocol"]
+    assert sum(map(sum, g["generated"]["confusion_matrix"])) == m["settings"]["n_cases"] * 64 * 64
+    assert "Deviations from the reference protocol" in (tmp_path / "eval" / "gcdm" / "report.md").read_text()
 
 
 def test_random_sd_weights_option_builds_without_files(tmp_path, prepared_dir):
@@ -95,3 +150,27 @@ def test_random_sd_weights_option_builds_without_files(tmp_path, prepared_dir):
     soft[:, 1] = 1
     assert enc.encode(torch.rand(1, 1, 64, 64)).shape == (1, 4, 8, 8) and enc.encode_mask(soft).shape == (1, 4, 8, 8)
     assert enc.decode(torch.zeros(1, 4, 8, 8)).shape == (1, 1, 64, 64)
+
+
+def test_paper_512_config_wiring_with_tiny_widths(tmp_path, prepared_dir):
+    """paper_512.json over paper.json (tiny widths from paper_tiny.json, paper_512's own values last): 512² images give
+    4×64×64 SD-VAE latents, the widened UNet denoises them, and the batch / accumulation settings are paper_512's."""
+    p = ConfigParser()
+    p.read_config([str(f) for f in FILES] + [str(CONFIGS / "paper_512.json")])
+    p.update({"prepared_dir": str(prepared_dir), "latent_cache_dir": str(tmp_path / "cache"),
+              "ckpt_dir": str(tmp_path / "models"), "device": "$torch.device('cpu')", "sd_random_weights": True,
+              "clip_kwargs": {"image_size": 32, "patch_size": 16, "hidden_size": 32, "num_hidden_layers": 1,
+                              "num_attention_heads": 2, "intermediate_size": 64, "projection_dim": 24,
+                              "output": "projected"}})
+    assert (p.get_parsed_content("image_size"), p.get_parsed_content("batch_size"),
+            p.get_parsed_content("gradient_accumulation")) == (512, 4, 4)
+    enc = p.get_parsed_content("latent_encoder")
+    with torch.no_grad():
+        z = enc.encode(torch.rand(1, 1, 512, 512))
+        assert z.shape == (1, 4, 64, 64)  # KL-f8: 512 / 8
+        assert enc.decode(z).shape == (1, 1, 512, 512)
+        net = p.get_parsed_content("network_def")
+        assert net.unet.in_channels == 8
+        out = net.unet(torch.cat([z, torch.zeros_like(z)], 1), timesteps=torch.tensor([10]),
+                       context=torch.zeros(1, 1, 24))
+    assert out.shape == (1, 4, 64, 64)

@@ -74,3 +74,60 @@ def test_sam_box_segmenter_from_a_local_tiny_model(tmp_path):
 
     with pytest.raises(MammoInputError, match="not a transformers SAM/MedSAM folder"):
         SamBoxSegmenter(tmp_path)
+
+
+def test_gcdm_confusion_pools_breast_rule_and_box_prompted_lesions_by_hand():
+    """Two 20x20 images, hand-built so the reference breast rule gives known regions, and a stub box segmenter that
+    fills each box: the pooled matrix is counted by hand."""
+    from custom.metrics.protocol import gcdm_confusion
+
+    imgs = np.zeros((2, 20, 20))
+    imgs[:, :, :10] = 0.8                      # breast: the left half (the rule keeps it exactly: border-touching block)
+    labels = np.zeros((2, 20, 20), np.uint8)
+    labels[:, :, :12] = 1                      # truth breast two columns wider than the image's
+    inst = np.zeros((2, 20, 20), np.uint8)
+    inst[0, 4:8, 2:6] = 1                      # image 0: a 4x4 lesion; image 1: none
+    labels[0][inst[0] > 0] = 2
+    calls = []
+
+    def fill_box(i, img, boxes):
+        calls.append((i, boxes))
+        out = np.zeros(img.shape, bool)
+        for x0, y0, x1, y1 in boxes:
+            out[y0 : y1 + 2, x0 : x1 + 1] = True  # one row too many below the box: 4 false-positive lesion pixels
+        return out
+
+    conf = gcdm_confusion(imgs[:, None], labels, inst, fill_box)
+    assert calls == [(0, [(2, 4, 5, 7)])]      # prompted with the ground-truth box; not called without a lesion
+    bg, br, le = 0, 1, 2
+    m = np.zeros((3, 3), int)
+    m[bg, bg] = 2 * 20 * 8                     # columns 12..19
+    m[br, bg] = 2 * 20 * 2                     # columns 10, 11: truth breast, image background
+    m[br, br] = 2 * 20 * 10 - 16 - 4           # image 0 loses the lesion (16) and the extra row (4)
+    m[br, le] = 4
+    m[le, le] = 16
+    assert conf.matrix.tolist() == m.tolist()
+    s = conf.scores()
+    assert s["mass_iou"] == pytest.approx(100 * 16 / 20)
+    assert s["pixel_accuracy"] == pytest.approx(100 * (m[0, 0] + m[1, 1] + 16) / 800)
+
+
+def test_protocol_settings_defaults_deviations_and_bad_values():
+    from custom.engines.evaluation import PROJECT_SAMPLING, protocol_settings
+    from custom.errors import MammoInputError
+
+    g = protocol_settings("gcdm")
+    assert (g["ddim_steps"], g["ddim_eta"], g["guidance_scale"], g["diversity_cases"]) == (50, 1.0, 3.0, 0)
+    assert g["protocol_deviations"] == {}
+    p = protocol_settings("project")
+    assert {k: p[k] for k in PROJECT_SAMPLING} == {"ddim_steps": 20, "ddim_eta": 0.0, "guidance_scale": 3.0,
+                                                   "diversity_cases": 3}
+    d = protocol_settings("gcdm", ddim_steps=10)
+    assert d["ddim_steps"] == 10 and d["protocol_deviations"] == {"ddim_steps": {"reference": 50, "used": 10}}
+    assert protocol_settings("project", ddim_steps=7)["protocol_deviations"] == {}
+    with pytest.raises(MammoInputError, match="--protocol"):
+        protocol_settings("paper")
+    with pytest.raises(MammoInputError, match="--sam_path"):
+        protocol_settings("project", sam_path="/some/sam")
+    with pytest.raises(MammoInputError, match="--ddim_steps"):
+        protocol_settings("gcdm", ddim_steps=0)

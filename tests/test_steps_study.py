@@ -34,9 +34,9 @@ def test_bad_options_fail_before_any_run(tmp_path, capsys):
 
 def test_outputs_table_curve_and_json(tmp_path):
     rows = [{"setting": f"steps{s}", "ddim_steps": s, "seconds": 1.0, "mass_iou": 0.5 + s / 100, "ceiling_mass_iou": 0.9,
-             "frd": 10.0 - s / 10, "ms_ssim": 0.9, "breast_iou": 0.95, "metrics_file": "x"} for s in (10, 20)]
+             "fd_radiomics67": 10.0 - s / 10, "ms_ssim": 0.9, "breast_iou": 0.95, "metrics_file": "x"} for s in (10, 20)]
     rows.append({"setting": "steps20_eta1.0", "ddim_steps": 20, "ddim_eta": 1.0, "seconds": 1.0, "mass_iou": None,
-                 "ceiling_mass_iou": None, "frd": None, "ms_ssim": 0.8, "breast_iou": None, "metrics_file": "y"})
+                 "ceiling_mass_iou": None, "fd_radiomics67": None, "ms_ssim": 0.8, "breast_iou": None, "metrics_file": "y"})
     refs = {"image_size": 128, "real_pairs_ms_ssim": 0.4, "texture_siblings_ms_ssim": 0.75}
     write_outputs(rows, refs, tmp_path)
     data = json.loads((tmp_path / "steps_study.json").read_text())

@@ -10,7 +10,10 @@ on the prepared test split: one sample per test mask (seed ``seed``) and ``diver
   ``lesion_roi="box"``, the analogue of MedSAM's box prompt) - and ONE 3-class confusion matrix is pooled over the set
   -> Mass IoU, Breast IoU, pixel accuracy; plus the per-image lesion Dice (mean / std);
 * the same protocol on the **real** test images: the ceiling this segmenter allows;
-* **FRD** (radiomics of the lesions, real vs generated at the conditioned lesion masks);
+* **FD-radiomics67** (the project's Fréchet distance of the 67 lesion radiomic features, real vs generated at the
+  conditioned lesion masks; renamed from ``frd``) and, with ``--published_frd`` (default under ``--protocol gcdm``),
+  the **published FRD** (the ``frd-score`` package on 8-bit PNG folders);
+* for every distance a **real-vs-real floor**: the same distance between two disjoint halves of the real test set;
 * a **feature distance**: FID only with a local feature network file (``fid_network``), otherwise FSD, the Fréchet
   distance of the segmenter's encoder features (a different number: never called FID);
 * **diversity**: mean pairwise MS-SSIM among the samples of one condition (lower = more diverse);
@@ -59,6 +62,10 @@ __all__ = [
     "EvaluationReport",
     "update_ablations",
     "format_metric_table",
+    "PROTOCOLS",
+    "protocol_settings",
+    "lesion_segmenter",
+    "published_frd_setting",
 ]
 
 logger = logging.getLogger(__name__)
@@ -69,10 +76,21 @@ PROTOCOL_NOTE = ("Protocol differences from the paper: the lesion of a generated
                  "segmenter (trained on the prepared training split) instead of MedSAM; the feature distance is FID "
                  "only with a local Inception-type network file, otherwise FSD (segmenter-encoder features), which is "
                  "not comparable with FID values; fractions are in [0, 1], the paper prints percentages.")
+RENAME_NOTE = ("'fd_radiomics67' is the project's Fréchet distance of the 67 GCDM lesion radiomic features (called "
+               "'frd' before 0.x); 'frd' is now only the published FRD of the frd-score package.")
 SIGMA_NOTE = ("The soft-mask sigma must be the sigma the model was trained with: a sigma sweep needs one model "
               "trained per sigma (--ckpt_dir). Rows whose sigma differs from the model's training sigma measure "
               "robustness to a sigma mismatch, not the sweep, and are flagged.")
 ABLATIONS_FORMAT = "mammo_gcdm/evaluation-ablations"
+#: ``--protocol``: ``project`` (this bundle's defaults) or ``gcdm`` (the reference's ``evaluation.py``)
+PROTOCOLS = ("project", "gcdm")
+#: the project protocol's sampling defaults (the steps study: 20 DDIM steps reproduce the 50-step image)
+PROJECT_SAMPLING: dict[str, Any] = {"ddim_steps": 20, "ddim_eta": 0.0, "guidance_scale": 3.0, "diversity_cases": 3}
+GCDM_PROTOCOL_NOTE = ("GCDM protocol (the reference evaluation.py): mass test images only, one sample per mask, "
+                      "50 DDIM steps, eta 1.0, guidance 3.0; breast by the reference's threshold rule on the 8-bit image "
+                      "(>= 15, erode, largest region, dilate, erode); lesion by the box-prompted segmenter named in "
+                      "'lesion_segmenter'; one confusion matrix pooled over the test set. IoU / pixel accuracy are "
+                      "fractions here (x100 for the paper's percentages).")
 
 
 # ---------------------------------------------------------------------------------------------------- setup
@@ -122,6 +140,57 @@ def run_label(conditioning_mode: str, sigma: float, label: str | None = None, ck
     return out
 
 
+def protocol_settings(protocol: str, ddim_steps: Any = None, ddim_eta: Any = None, guidance_scale: Any = None,
+                      diversity_cases: Any = None, sam_path: Any = None) -> dict[str, Any]:
+    """The sampling settings of an evaluation protocol, checked before anything is built.
+
+    ``None`` takes the protocol's value (``project``: :data:`PROJECT_SAMPLING`; ``gcdm``:
+    :data:`custom.metrics.protocol.GCDM_SAMPLING` and no extra diversity samples). A value given explicitly is
+    honoured; under ``gcdm`` one that differs from the reference's is listed in ``protocol_deviations`` (metrics.json
+    and the report) with a warning.
+
+    Returns:
+        ``{"protocol", "ddim_steps", "ddim_eta", "guidance_scale", "diversity_cases", "protocol_deviations"}``.
+
+    Raises:
+        MammoInputError: ``--protocol`` not in :data:`PROTOCOLS`; ``--sam_path`` with the project protocol (it
+            would be ignored).
+    """
+    from custom.metrics.protocol import GCDM_SAMPLING
+
+    name = str(protocol).strip().lower()
+    if name not in PROTOCOLS:
+        raise MammoInputError("--protocol", f"use one of {list(PROTOCOLS)}, got {protocol!r}")
+    if name == "project" and sam_path not in (None, "", "None", "null"):
+        raise MammoInputError("--sam_path", "a box-prompted SAM/MedSAM is used by --protocol gcdm only (it would be "
+                                            "ignored by the project protocol)")
+    ref = dict(PROJECT_SAMPLING) if name == "project" else {
+        "ddim_steps": GCDM_SAMPLING["ddim_steps"], "ddim_eta": GCDM_SAMPLING["ddim_eta"],
+        "guidance_scale": GCDM_SAMPLING["guidance_scale"], "diversity_cases": 0}
+    given = {"ddim_steps": ddim_steps, "ddim_eta": ddim_eta, "guidance_scale": guidance_scale,
+             "diversity_cases": diversity_cases}
+    out: dict[str, Any] = {"protocol": name}
+    deviations = {}
+    for key, value in given.items():
+        if value in (None, "", "None", "null"):
+            out[key] = ref[key]
+            continue
+        try:
+            out[key] = type(ref[key])(value)
+            ok = math.isfinite(float(out[key])) and float(out[key]) >= (1 if key == "ddim_steps" else 0)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise MammoInputError(f"--{key}", f"must be a {'positive ' if key == 'ddim_steps' else 'non-negative '}"
+                                              f"{type(ref[key]).__name__}, got {value!r}")
+        if name == "gcdm" and not math.isclose(float(out[key]), float(ref[key])):
+            deviations[key] = {"reference": ref[key], "used": out[key]}
+    if deviations:
+        logger.warning("--protocol gcdm with deviations from the reference: %s", deviations)
+    out["protocol_deviations"] = deviations
+    return out
+
+
 def evaluation_cases(
     prepared_dir: str | os.PathLike,
     split: str,
@@ -133,9 +202,13 @@ def evaluation_cases(
     diversity_cases: int = 3,
     diversity_samples: int = 4,
     normaliser_file: str | os.PathLike | None = None,
+    mass_only: bool = False,
 ) -> CaseSet:
     """The test cases with their real image (``extra``): one seed each, ``diversity_samples`` seeds for the first
-    ``diversity_cases`` cases with a lesion (their first sample is the one the controllability metrics use)."""
+    ``diversity_cases`` cases with a lesion (their first sample is the one the controllability metrics use).
+
+    ``mass_only`` (the GCDM protocol): only the cases with a lesion
+    (:func:`custom.metrics.protocol.gcdm_test_entries`); the others are listed in ``skipped`` with that reason."""
     n_div = [0]
     extra = max(1, int(diversity_samples)) if int(diversity_cases) > 0 else 1
 
@@ -145,9 +218,69 @@ def evaluation_cases(
             return [int(seed) + j for j in range(extra)]
         return [int(seed)]
 
-    return datalist_cases(prepared_dir, split, image_size=image_size, sigma=sigma, max_lesions=max_lesions,
-                          normaliser_file=normaliser_file, seeds=[int(seed)], max_cases=max_cases, keep_real=True,
-                          seeds_for=seeds_for)
+    cases = datalist_cases(prepared_dir, split, image_size=image_size, sigma=sigma, max_lesions=max_lesions,
+                           normaliser_file=normaliser_file, seeds=[int(seed)], max_cases=max_cases, keep_real=True,
+                           seeds_for=seeds_for)
+    if as_bool(mass_only):
+        from custom.metrics.protocol import gcdm_test_entries
+
+        keep = {e["name"] for e in gcdm_test_entries({"name": c.name, "num_lesions": c.conditions.num_lesions}
+                                                     for c in cases.cases)}
+        cases.skipped += [{"case": c.name, "reason": "no mass (GCDM protocol: mass test images only)"}
+                          for c in cases.cases if c.name not in keep]
+        cases.cases = [c for c in cases.cases if c.name in keep]
+        if not cases.cases:
+            raise MammoInputError(Path(prepared_dir) / "datalist.json", f"the {split!r} split has no image with a mass "
+                                                                        "(--protocol gcdm evaluates mass images only)")
+    return cases
+
+
+def published_frd_setting(value: Any, protocol: str) -> bool:
+    """``--published_frd``: ``None`` -> on under ``--protocol gcdm``, off under the project protocol; when on, the
+    ``frd-score`` package must be installed (checked here, before generation)."""
+    on = (str(protocol).strip().lower() == "gcdm") if value in (None, "", "None", "null", "auto") else as_bool(value)
+    if on:
+        from custom.metrics.frd_published import require_frd_score
+
+        require_frd_score("--published_frd")
+    return on
+
+
+class _BundleSegmenterInBoxes:
+    """The bundle's own lesion segmenter used as a box-prompted one: its lesion prediction inside the ground-truth
+    boxes, each grown by ``margin`` (:func:`lesion_rois`)."""
+
+    def __init__(self, segmenter: torch.nn.Module, threshold: float = 0.5, margin: float = 0.25, device: Any = "cpu"):
+        self.segmenter, self.threshold, self.margin, self.device = segmenter, float(threshold), float(margin), device
+        self.name = (f"the bundle's own lesion segmenter (not MedSAM), inside the ground-truth boxes grown by "
+                     f"{self.margin:g}")
+        self._prob: np.ndarray | None = None
+        self._roi: np.ndarray | None = None
+
+    def prepare(self, images: np.ndarray, instances: np.ndarray) -> _BundleSegmenterInBoxes:
+        from custom.metrics.segmenter import lesion_probability
+
+        self._prob = lesion_probability(self.segmenter, torch.as_tensor(images), device=self.device).numpy()
+        self._roi = lesion_rois(instances, self.margin)
+        return self
+
+    def __call__(self, i: int, _image: np.ndarray, _boxes: Sequence[Any]) -> np.ndarray:
+        return (self._prob[i] > self.threshold) & self._roi[i]
+
+
+def lesion_segmenter(protocol: str, sam_path: Any = None, device: Any = "cpu") -> Any:
+    """The box-prompted segmenter of ``--protocol gcdm``: MedSAM/SAM from the local folder ``sam_path``
+    (:class:`custom.metrics.protocol.SamBoxSegmenter`, checked here, before generation), or ``None`` (the bundle's own
+    segmenter, used inside the boxes). Always ``None`` for the project protocol."""
+    if str(protocol).strip().lower() != "gcdm" or sam_path in (None, "", "None", "null"):
+        return None
+    from custom.metrics.protocol import SamBoxSegmenter
+
+    if not Path(sam_path).is_dir():
+        raise MammoInputError(sam_path, "--sam_path: not a folder (a transformers SAM/MedSAM save_pretrained folder)")
+    seg = SamBoxSegmenter(sam_path, device=device)
+    seg.name = f"MedSAM/SAM (box-prompted, transformers SamModel from {sam_path})"
+    return seg
 
 
 def lesion_rois(instances: np.ndarray, margin: float = 0.25, min_margin: int = 2) -> np.ndarray:
@@ -222,10 +355,12 @@ def _metric_rows(m: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         ("Breast IoU (pooled)", _fmt(s.get("breast_iou")), _fmt(s.get("ceiling_breast_iou"))),
         ("Pixel accuracy (pooled)", _fmt(s.get("pixel_accuracy")), _fmt(s.get("ceiling_pixel_accuracy"))),
         ("Mass Dice per image (mean ± std)", dice, cdice),
-        ("FRD (lesion radiomics, lower better)", _fmt(s.get("frd")), "0 (real vs real)"),
+        ("FD-radiomics67 (67 lesion radiomic features; not the published FRD)", _fmt(s.get("fd_radiomics67")),
+         f"{_fmt(s.get('floor_fd_radiomics67'))} (real vs real floor)"),
+        ("FRD (published, frd-score v1)", _fmt(s.get("frd")), f"{_fmt(s.get('floor_frd'))} (real vs real floor)"),
         ("Radiomics fidelity (mean Spearman, requested vs measured per lesion)", _fmt(s.get("radiomics_fidelity")),
          f"{_fmt(s.get('ceiling_radiomics_fidelity'))} (real vs its stage-1 reconstruction)"),
-        (fd_label, _fmt(s.get("feature_distance")), "0 (real vs real)"),
+        (fd_label, _fmt(s.get("feature_distance")), f"{_fmt(s.get('floor_feature_distance'))} (real vs real floor)"),
         ("MS-SSIM diversity (lower = more diverse)", _fmt(s.get("ms_ssim")), ""),
         ("Stage-1 reconstruction SSIM / PSNR (dB)", f"{_fmt(s.get('recon_ssim'))} / {_fmt(s.get('recon_psnr'))}", ""),
     ]
@@ -259,10 +394,15 @@ class EvaluationReport:
         roi_margin, lesion_threshold: see :func:`lesion_rois` / :func:`custom.metrics.segment_generated`.
         fid_network, fid_in_channels, fid_input_size, fid_input_range: the FID feature network file and its
             preprocessing; ``None``: FSD with the segmenter encoder.
-        frd_region: ``"lesion"`` or ``"breast"``.
+        fd_radiomics67_region: ``"lesion"`` or ``"breast"`` (renamed from ``frd_region``).
+        published_frd: also compute the published FRD (``frd-score``) and its floor.
         params_file: PyRadiomics parameters.
         figure_cases: rows of the figure grid.
         device: where the networks run.
+        protocol: ``"project"`` or ``"gcdm"``: the headline Mass IoU / Breast IoU / pixel accuracy (and their
+            ceiling on the real images) by :func:`custom.metrics.protocol.gcdm_confusion` - breast by the reference's
+            threshold rule, lesion by ``box_segmenter`` (or the bundle's segmenter inside the boxes).
+        box_segmenter: a :class:`custom.metrics.protocol.SamBoxSegmenter` (``--sam_path``) or ``None``.
     """
 
     def __init__(
@@ -284,11 +424,18 @@ class EvaluationReport:
         fid_in_channels: int = 3,
         fid_input_size: int | None = 299,
         fid_input_range: str = "imagenet",
-        frd_region: str = "lesion",
+        fd_radiomics67_region: str = "lesion",
         params_file: str | os.PathLike | None = None,
         figure_cases: int = 6,
         device: str | torch.device = "cpu",
+        protocol: str = "project",
+        box_segmenter: Any = None,
+        published_frd: bool = False,
     ) -> None:
+        if str(protocol).strip().lower() not in PROTOCOLS:
+            raise MammoInputError("--protocol", f"use one of {list(PROTOCOLS)}, got {protocol!r}")
+        self.protocol = str(protocol).strip().lower()
+        self.box_segmenter = box_segmenter
         if str(lesion_roi).lower() not in ("box", "none"):
             raise MammoInputError("lesion_roi", f"use 'box' or 'none', got {lesion_roi!r}")
         self.collector, self.cases, self.encoder, self.segmenter = collector, cases, encoder, segmenter
@@ -301,7 +448,8 @@ class EvaluationReport:
         self.roi_margin, self.lesion_threshold = float(roi_margin), float(lesion_threshold)
         self.fid = None if fid_network in (None, "", "None", "null") else str(fid_network)
         self.fid_prep = {"in_channels": int(fid_in_channels), "input_size": fid_input_size, "input_range": fid_input_range}
-        self.frd_region = frd_region
+        self.fd_radiomics67_region = fd_radiomics67_region
+        self.published_frd = as_bool(published_frd)
         self.params_file = params_file
         self.figure_cases = int(figure_cases)
         self.device = device
@@ -324,7 +472,7 @@ class EvaluationReport:
         from custom.metrics import (
             FeatureDistance,
             controllability_metrics,
-            frd_metrics,
+            fd_radiomics67_metrics,
             ms_ssim_diversity,
             reconstruction_metrics,
         )
@@ -341,26 +489,55 @@ class EvaluationReport:
         roi_list = None if rois is None else list(rois)
         control = controllability_metrics(gen_t, prob_gen, a["labels"], threshold=self.lesion_threshold, rois=roi_list)
         ceiling = controllability_metrics(real_t, prob_real, a["labels"], threshold=self.lesion_threshold, rois=roi_list)
+        gcdm = None
+        if self.protocol == "gcdm":
+            gcdm = self._gcdm_protocol(a)
+            control = {**control, "project_rule": {k: control[k] for k in ("mass_iou", "breast_iou", "pixel_accuracy")}}
         seconds["controllability"] = time.time() - t0
 
+        # real-vs-real floors: two disjoint halves of the real test set (even / odd positions)
+        half_a, half_b = slice(0, None, 2), slice(1, None, 2)
+        n_real = a["real"].shape[0]
+        floor_note = f"real test images at even vs odd positions ({(n_real + 1) // 2} vs {n_real // 2})"
+
         t0 = time.time()
-        frd_kwargs = {"region": self.frd_region}
+        fdr_kwargs = {"region": self.fd_radiomics67_region}
         if self.params_file:
-            frd_kwargs["params_file"] = self.params_file
-        masks = a["instances"] if self.frd_region == "lesion" else None
-        frd = frd_metrics(a["real"], masks, a["gen"], masks, **frd_kwargs)
-        seconds["frd"] = time.time() - t0
+            fdr_kwargs["params_file"] = self.params_file
+        masks = a["instances"] if self.fd_radiomics67_region == "lesion" else None
+        fd_rad = fd_radiomics67_metrics(a["real"], masks, a["gen"], masks, **fdr_kwargs)
+        fd_rad_floor = fd_radiomics67_metrics(a["real"][half_a], None if masks is None else masks[half_a],
+                                              a["real"][half_b], None if masks is None else masks[half_b], **fdr_kwargs)
+        fd_rad["floor_real_vs_real"] = fd_rad_floor["fd_radiomics67"]
+        fd_rad["floor_note"] = floor_note
+        seconds["fd_radiomics67"] = time.time() - t0
 
         t0 = time.time()
         if len(self.cases.cases) >= 2:
             fd = FeatureDistance(feature_network=self.fid, segmenter=self.segmenter, device=self.device,
                                  **(self.fid_prep if self.fid else {}))
-            feature = fd(real_t, gen_t)
+            emb_real, emb_gen = fd.embed(real_t), fd.embed(gen_t)
+            feature = fd.distance(emb_real, emb_gen)
             feature["name"] = fd.name
             feature["value"] = feature[fd.name]
+            feature["floor_real_vs_real"] = (fd.distance(emb_real[half_a], emb_real[half_b])[fd.name]
+                                             if n_real >= 4 else None)
+            feature["floor_note"] = floor_note if n_real >= 4 else "needs at least 4 real images (2 per half)"
         else:
-            feature = {"name": "fid" if self.fid else "fsd", "value": None, "note": "needs at least 2 images per set"}
+            feature = {"name": "fid" if self.fid else "fsd", "value": None, "note": "needs at least 2 images per set",
+                       "floor_real_vs_real": None}
         seconds["feature_distance"] = time.time() - t0
+
+        t0 = time.time()
+        published = None
+        if self.published_frd:
+            from custom.metrics.frd_published import published_frd
+
+            published = published_frd(a["real"], a["gen"])
+            floor = published_frd(a["real"][half_a], a["real"][half_b]) if n_real >= 4 else {"frd": None}
+            published["floor_real_vs_real"] = floor["frd"]
+            published["floor_note"] = floor_note if n_real >= 4 else "needs at least 4 real images (2 per half)"
+            seconds["published_frd"] = time.time() - t0
 
         t0 = time.time()
         per_condition = []
@@ -394,6 +571,10 @@ class EvaluationReport:
         sigma_trained = info.get("sigma")
         sigma = self.settings.get("sigma")
         sigma_match = None if sigma_trained is None or sigma is None else math.isclose(float(sigma), float(sigma_trained))
+        if gcdm is not None:  # the headline numbers by the reference's rules
+            for pre, key in (("", "generated"), ("ceiling_", "real_ceiling")):
+                for k in ("mass_iou", "breast_iou", "pixel_accuracy"):
+                    (control if not pre else ceiling)[k] = gcdm[key][k] / 100.0
         summary = {
             "mass_iou": control["mass_iou"],
             "breast_iou": control["breast_iou"],
@@ -405,9 +586,13 @@ class EvaluationReport:
             "ceiling_pixel_accuracy": ceiling["pixel_accuracy"],
             "ceiling_mass_dice_mean": ceiling["mass_dice_mean"],
             "ceiling_mass_dice_std": ceiling["mass_dice_std"],
-            "frd": frd["frd"],
+            "fd_radiomics67": fd_rad["fd_radiomics67"],
+            "floor_fd_radiomics67": fd_rad["floor_real_vs_real"],
+            "frd": published["frd"] if published else None,
+            "floor_frd": published["floor_real_vs_real"] if published else None,
             "feature_distance": feature["value"],
             "feature_distance_name": feature["name"],
+            "floor_feature_distance": feature.get("floor_real_vs_real"),
             "ms_ssim": diversity["ms_ssim_mean"],
             "recon_ssim": reconstruction["ssim_mean"],
             "recon_psnr": reconstruction["psnr_mean"],
@@ -421,7 +606,10 @@ class EvaluationReport:
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "phantom": self.phantom,
             "caveat": PHANTOM_CAVEAT if self.phantom else None,
-            "protocol_note": PROTOCOL_NOTE,
+            "protocol": self.protocol,
+            "protocol_note": GCDM_PROTOCOL_NOTE if gcdm is not None else PROTOCOL_NOTE,
+            "lesion_segmenter": gcdm["lesion_segmenter"] if gcdm is not None else "the bundle's own lesion segmenter",
+            "gcdm_protocol": gcdm,
             "sigma_note": SIGMA_NOTE,
             "metrics": summary,
             "settings": {
@@ -439,7 +627,9 @@ class EvaluationReport:
             },
             "controllability": control,
             "segmenter_ceiling": ceiling,
-            "frd": frd,
+            "fd_radiomics67": fd_rad,
+            "frd_published": published if published else {"frd": None, "note": "not computed (--published_frd false)"},
+            "rename_note": RENAME_NOTE,
             "feature_distance": feature,
             "diversity": diversity,
             "reconstruction": reconstruction,
@@ -448,6 +638,24 @@ class EvaluationReport:
             "seconds": {k: round(v, 2) for k, v in seconds.items()},
         }
         return self.metrics
+
+    def _gcdm_protocol(self, a: Mapping[str, Any]) -> dict[str, Any]:
+        """Pooled 3-class confusion of the generated and of the real images by the reference's rules."""
+        from custom.metrics.protocol import gcdm_confusion
+
+        out: dict[str, Any] = {}
+        for key, images in (("generated", a["gen"]), ("real_ceiling", a["real"])):
+            if self.box_segmenter is not None:
+                seg, name = (lambda _i, img, boxes: self.box_segmenter(img, boxes)), self.box_segmenter.name
+            else:
+                seg = _BundleSegmenterInBoxes(self.segmenter, self.lesion_threshold, self.roi_margin, self.device)
+                seg = seg.prepare(images, a["instances"])
+                name = seg.name
+            conf = gcdm_confusion(images, a["labels"], a["instances"], seg)
+            out[key] = {**conf.scores(), "confusion_matrix": conf.matrix.tolist(), "n_images": int(images.shape[0])}
+            out["lesion_segmenter"] = name
+        out["units"] = "percent"
+        return out
 
     # ------------------------------------------------------------------ figures
     def _figure_grid(self, path: Path) -> Path:
@@ -494,7 +702,7 @@ class EvaluationReport:
         pts = sorted(pts, key=lambda r: float(r["sigma"]))
         fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(5.5, 5.2), sharex=True)
         for ax, key, color, name in ((ax1, "mass_iou", "tab:blue", "Mass IoU (higher better)"),
-                                     (ax2, "frd", "tab:red", "FRD (lower better)")):
+                                     (ax2, "fd_radiomics67", "tab:red", "FD-radiomics67 (lower better)")):
             for matched in (True, False):
                 sel = [r for r in pts if bool(r.get("sigma_matches_training")) == matched and r.get(key) is not None]
                 if not sel:
@@ -533,7 +741,8 @@ class EvaluationReport:
             "breast_iou": m["breast_iou"],
             "pixel_accuracy": m["pixel_accuracy"],
             "mass_dice_mean": m["mass_dice_mean"],
-            "frd": m["frd"],
+            "fd_radiomics67": m["fd_radiomics67"],
+            "frd": m.get("frd"),
             "feature_distance": m["feature_distance"],
             "feature_distance_name": m["feature_distance_name"],
             "ms_ssim": m["ms_ssim"],
@@ -547,8 +756,10 @@ class EvaluationReport:
         if self.phantom:
             lines += [f"> **Caveat — {PHANTOM_CAVEAT}.**", ""]
         lines += ["## Setup", "", "| setting | value |", "| --- | --- |"]
-        for key in ("split", "n_cases", "n_skipped", "n_generated", "conditioning_mode", "sigma", "sigma_trained",
-                    "sigma_matches_training", "image_size", "ddim_steps", "guidance_scale", "seed", "diversity_samples",
+        lines.insert(2, f"Protocol: **{m.get('protocol', 'project')}**; lesion segmenter: {m.get('lesion_segmenter')}.")
+        lines.insert(3, "")
+        for key in ("protocol", "split", "n_cases", "n_skipped", "n_generated", "conditioning_mode", "sigma", "sigma_trained",
+                    "sigma_matches_training", "image_size", "ddim_steps", "ddim_eta", "guidance_scale", "seed", "diversity_samples",
                     "lesion_roi", "model_file", "model_sha256", "ckpt_dir", "segmenter_file"):
             if key in s:
                 lines.append(f"| {key} | {_fmt(s[key]) if not isinstance(s[key], str) else s[key]} |")
@@ -556,6 +767,19 @@ class EvaluationReport:
             lines += ["", f"_{s['ddim_steps_note']}_"]
         lines += ["", "## Metrics", "", "| metric | generated | segmenter on real images (ceiling) |", "| --- | --- | --- |"]
         lines += [f"| {a} | {b} | {c} |" for a, b, c in _metric_rows(m)]
+        g = m.get("gcdm_protocol")
+        if g:
+            lines += ["", f"GCDM protocol (percent, as the paper): Mass IoU {g['generated']['mass_iou']:.2f}, Breast IoU "
+                          f"{g['generated']['breast_iou']:.2f}, PA {g['generated']['pixel_accuracy']:.2f}; the same "
+                          f"segmenter on the real test images (ceiling): {g['real_ceiling']['mass_iou']:.2f} / "
+                          f"{g['real_ceiling']['breast_iou']:.2f} / {g['real_ceiling']['pixel_accuracy']:.2f}. "
+                          f"Lesion segmenter: {g['lesion_segmenter']}."]
+            dev = s.get("protocol_deviations") or {}
+            if dev:
+                lines += ["", "**Deviations from the reference protocol:** " + ", ".join(
+                    f"{k} {v['used']} (reference {v['reference']})" for k, v in dev.items())]
+            lines += ["", "GCDM pooled confusion matrix of the generated set (rows truth, columns prediction):", "", "```"]
+            lines += [" ".join(f"{v:>8d}" for v in r) for r in g["generated"]["confusion_matrix"]] + ["```"]
         cm = m["controllability"].get("confusion_matrix")
         if cm:
             lines += ["", "Pooled confusion matrix of the generated set (rows = condition label, columns = segmented "
@@ -565,19 +789,19 @@ class EvaluationReport:
                   "image the mask was drawn from.", ""]
         if len(rows) > 1 or sigma_plot:
             lines += ["## Ablations", "", "| run | conditioning | σ | σ trained | cases | DDIM steps | Mass IoU | Breast IoU | "
-                      "pixel acc. | FRD | feature dist. | MS-SSIM |",
+                      "pixel acc. | FD-radiomics67 | feature dist. | MS-SSIM |",
                       "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
             for r in rows:
                 flag = "" if r.get("sigma_matches_training") in (True, None) else " ⚠"
                 lines.append(f"| {r.get('label')} | {r.get('conditioning_mode')} | {_fmt(r.get('sigma'))}{flag} | "
                              f"{_fmt(r.get('sigma_trained'))} | {_fmt(r.get('n_cases'))} | {_fmt(r.get('ddim_steps'))} | "
                              f"{_fmt(r.get('mass_iou'))} | {_fmt(r.get('breast_iou'))} | "
-                             f"{_fmt(r.get('pixel_accuracy'))} | {_fmt(r.get('frd'))} | "
+                             f"{_fmt(r.get('pixel_accuracy'))} | {_fmt(r.get('fd_radiomics67'))} | "
                              f"{_fmt(r.get('feature_distance'))} ({r.get('feature_distance_name')}) | {_fmt(r.get('ms_ssim'))} |")
             lines += ["", f"⚠ = {SIGMA_NOTE}", ""]
             if sigma_plot:
-                lines += [f"![Mass IoU and FRD vs sigma]({sigma_plot})", ""]
-        lines += ["## Notes", "", f"- {PROTOCOL_NOTE}", f"- {SIGMA_NOTE}",
+                lines += [f"![Mass IoU and FD-radiomics67 vs sigma]({sigma_plot})", ""]
+        lines += ["## Notes", "", f"- {m.get('protocol_note', PROTOCOL_NOTE)}", f"- {SIGMA_NOTE}",
                   f"- Timings (s): {', '.join(f'{k} {v}' for k, v in m['seconds'].items())}."]
         if self.phantom:
             lines += ["", f"**{PHANTOM_CAVEAT}.**"]

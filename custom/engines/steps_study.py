@@ -4,7 +4,7 @@
 [--settings "eta=1.0" "guidance_scale=1.0"]`` runs the stock evaluation workflow for every DDIM step count (and
 every extra setting at ``--base_steps``), with the same seeds, and writes:
 
-- ``O/steps_study.json``: per setting, Mass IoU (with the segmenter's ceiling on the real images), FRD, MS-SSIM
+- ``O/steps_study.json``: per setting, Mass IoU (with the segmenter's ceiling on the real images), FD-radiomics67, MS-SSIM
   among samples of one condition, the MS-SSIM between *different real* test images (the diversity reference), and
   the seconds the evaluation took;
 - ``O/steps_study.md``: the same as a Markdown table;
@@ -102,12 +102,15 @@ def run_setting(name: str, overrides: dict[str, Any], args: argparse.Namespace) 
     run("evaluate", config_file=str(CONFIG), meta_file=str(REPO / "bundle" / "configs" / "metadata.json"),
         logging_file=False, bundle_root=str(REPO / "bundle"), prepared_dir=str(args.prepared_dir),
         ckpt_dir=str(args.ckpt_dir), segmenter_path=str(Path(args.ckpt_dir) / "segmenter.pt"),
-        results_dir=str(out), label=name, progress=False, **overrides)
+        results_dir=str(out), label=name, progress=False, published_frd=True, **overrides)
     seconds = time.perf_counter() - t
     metrics_file = next(out.rglob("metrics.json"))
     m = json.loads(metrics_file.read_text())["metrics"]
     return {"setting": name, **overrides, "seconds": round(seconds, 1), "mass_iou": m.get("mass_iou"),
-            "ceiling_mass_iou": m.get("ceiling_mass_iou"), "frd": m.get("frd"), "ms_ssim": m.get("ms_ssim"),
+            "ceiling_mass_iou": m.get("ceiling_mass_iou"), "fd_radiomics67": m.get("fd_radiomics67"),
+            "floor_fd_radiomics67": m.get("floor_fd_radiomics67"), "frd": m.get("frd"), "floor_frd": m.get("floor_frd"),
+            "feature_distance": m.get("feature_distance"), "feature_distance_name": m.get("feature_distance_name"),
+            "ms_ssim": m.get("ms_ssim"),
             "breast_iou": m.get("breast_iou"), "metrics_file": str(metrics_file)}
 
 
@@ -121,12 +124,14 @@ def write_outputs(rows: Sequence[dict[str, Any]], references: dict[str, Any], ou
     siblings = references.get("texture_siblings_ms_ssim")
     (output_dir / "steps_study.json").write_text(json.dumps({"references": references, "rows": list(rows)}, indent=2))
     fmt = lambda v: "n/a" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
-    lines = ["| setting | DDIM steps | eta | guidance | Mass IoU (ceiling) | FRD | MS-SSIM same condition | seconds |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| setting | DDIM steps | eta | guidance | Mass IoU (ceiling) | FD-radiomics67 (floor) | published FRD (floor) "
+             "| FSD/FID | MS-SSIM same condition | seconds |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['setting']} | {r.get('ddim_steps')} | {r.get('ddim_eta', 'config')} | "
                      f"{r.get('guidance_scale', 'config')} | {fmt(r['mass_iou'])} ({fmt(r['ceiling_mass_iou'])}) | "
-                     f"{fmt(r['frd'])} | {fmt(r['ms_ssim'])} | {r['seconds']} |")
+                     f"{fmt(r['fd_radiomics67'])} ({fmt(r.get('floor_fd_radiomics67'))}) | {fmt(r.get('frd'))} "
+                     f"({fmt(r.get('floor_frd'))}) | {fmt(r.get('feature_distance'))} | {fmt(r['ms_ssim'])} | {r['seconds']} |")
     lines.append(f"\nDiversity references at {references.get('image_size')} px: MS-SSIM between different real test "
                  f"images {fmt(reference)}; among real images of one condition (phantom texture siblings) "
                  f"{fmt(siblings)}; the same siblings after the stage-1 round trip (the most any sampler can show) "
@@ -138,7 +143,7 @@ def write_outputs(rows: Sequence[dict[str, Any]], references: dict[str, Any], ou
         return
     steps = [r["ddim_steps"] for r in curve]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    for ax, key, title in zip(axes, ("mass_iou", "frd", "ms_ssim"), ("Mass IoU", "FRD (67 features)", "MS-SSIM, same condition")):
+    for ax, key, title in zip(axes, ("mass_iou", "fd_radiomics67", "ms_ssim"), ("Mass IoU", "FD-radiomics67", "MS-SSIM, same condition")):
         ax.plot(steps, [r[key] if r[key] is not None else np.nan for r in curve], "o-")
         if key == "mass_iou" and curve[0]["ceiling_mass_iou"] is not None:
             ax.axhline(curve[0]["ceiling_mass_iou"], ls="--", c="grey", label="segmenter ceiling (real)")

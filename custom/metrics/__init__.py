@@ -5,8 +5,10 @@
   matrix pooled over the set (Mass IoU, Breast IoU, pixel accuracy), per-image lesion Dice, and the 3-class
   prediction of a generated image (breast by threshold, lesion by the segmenter inside the breast);
 - :mod:`custom.metrics.frechet` - the one Fréchet-distance implementation (float64, stable matrix root);
-- :mod:`custom.metrics.frd` - FRD, the Fréchet Radiomics Distance of the 67 lesion (or breast) radiomic features,
-  z-scored with the real set's statistics;
+- :mod:`custom.metrics.radiomics_distance` - FD-radiomics67, the project's Fréchet distance of the 67 lesion (or
+  breast) radiomic features, z-scored with the real set's statistics (not the published FRD; renamed from "frd");
+- :mod:`custom.metrics.frd_published` - the published FRD (the ``frd-score`` package) on 8-bit PNG folders;
+- :mod:`custom.metrics.inception` - the FID-Inception network for the standard pytorch-fid weights file;
 - :mod:`custom.metrics.fid` - FID with a feature network from a local file, or FSD (Fréchet Segmenter Distance)
   with the lesion segmenter's encoder when there is none;
 - :mod:`custom.metrics.image_quality` - diversity (mean pairwise MS-SSIM) and reconstruction SSIM / PSNR;
@@ -24,7 +26,8 @@ from custom.metrics.controllability import (
     summarise,
 )
 from custom.metrics.fid import FeatureDistance, SegmenterEncoder, embed_images, load_feature_network
-from custom.metrics.frd import RadiomicsScaler, extract_radiomic_features, frd_metrics, frechet_radiomics_distance
+from custom.metrics.radiomics_distance import (RadiomicsScaler, extract_radiomic_features, fd_radiomics67_metrics,
+                                              frechet_radiomics_distance)
 from custom.metrics.frechet import frechet_distance, frechet_distance_from_features, gaussian_fit
 from custom.metrics.image_quality import ms_ssim_diversity, ms_ssim_settings, reconstruction_metrics
 from custom.metrics.segmenter import (
@@ -49,7 +52,7 @@ __all__ = [
     "embed_images",
     "extract_radiomic_features",
     "frechet_radiomics_distance",
-    "frd_metrics",
+    "fd_radiomics67_metrics",
     "frechet_distance",
     "frechet_distance_from_features",
     "gaussian_fit",

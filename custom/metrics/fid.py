@@ -5,6 +5,10 @@
   state-dict checkpoint (``{"model": state_dict}`` or a bare state dict, loaded with ``weights_only=True``) for a
   ``network`` whose architecture the caller builds. The score is called ``"fid"``; with an Inception-v3 and its
   preprocessing (``in_channels=3``, ``input_size=299``, the matching ``input_range``) it is the usual FID.
+  The standard FID-Inception weights file (pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``, a plain state
+  dict) is recognised by its keys and run by :mod:`custom.metrics.inception` (the project's own FID-Inception network,
+  clean-fid's resize, 2048-d pool features): that is the FID comparable with published values (the paper's).
+  The file's SHA-256 is part of the result (``fid_feature_network_sha256``).
 * **FSD** (Fréchet Segmenter Distance) - without a feature network file, the embedding is the encoder of the
   bundle's own lesion segmenter (:class:`SegmenterEncoder`: the globally average-pooled output of every encoder stage
   of the MONAI ``UNet``, concatenated). It is trained on mammograms, not ImageNet, and is **not comparable with
@@ -54,6 +58,19 @@ def _is_torchscript_archive(path: Path) -> bool:
     except (zipfile.BadZipFile, OSError):
         return False
     return any("/code/" in n or n.endswith("constants.pkl") for n in names)
+
+
+def _is_fid_inception_file(path: str | os.PathLike) -> bool:
+    """Whether a local file is the FID-Inception state dict (not a TorchScript archive; holds its keys)."""
+    path = Path(path).expanduser()
+    if not path.is_file() or _is_torchscript_archive(path):
+        return False
+    from custom.metrics.inception import is_fid_inception_state
+
+    try:
+        return is_fid_inception_state(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception:  # noqa: BLE001 - unreadable: load_feature_network reports it
+        return False
 
 
 def load_feature_network(
@@ -239,9 +256,20 @@ class FeatureDistance:
         device: str | torch.device = "cpu",
     ):
         self.batch_size, self.device = int(batch_size), device
+        self.inception = False
+        self.sha256: str | None = None
         if feature_network is not None and str(feature_network).strip() not in ("", "None", "null"):
+            from custom.checkpoints import file_sha256
+
             self.name, self.source = "fid", str(feature_network)
-            self.network = load_feature_network(feature_network, network, map_location=device)
+            if network is None and _is_fid_inception_file(feature_network):
+                from custom.metrics.inception import load_fid_inception
+
+                self.network, self.inception = load_fid_inception(feature_network, map_location=device), True
+                self.source = f"{feature_network} (FID Inception, pytorch-fid weights; clean-fid resize to 299)"
+            else:
+                self.network = load_feature_network(feature_network, network, map_location=device)
+            self.sha256 = file_sha256(feature_network)
             self.prep = {"in_channels": int(in_channels), "input_size": input_size, "input_range": input_range}
         elif segmenter is not None:
             self.name, self.source = "fsd", "segmenter encoder"
@@ -255,16 +283,27 @@ class FeatureDistance:
 
     def embed(self, images: Any) -> np.ndarray:
         """``(N, 1, H, W)`` images in [0, 1] -> float64 ``(N, D)`` embeddings."""
+        if self.inception:
+            from custom.metrics.inception import inception_features
+
+            return inception_features(self.network, images, self.batch_size, self.device)
         return embed_images(self.network, images, self.batch_size, self.device, **self.prep)
 
     def __call__(self, real_images: Any, generated_images: Any) -> dict[str, Any]:
         """``{name: float >= 0, f"{name}_feature_network": source, f"{name}_feature_dim": D, f"{name}_n_real",
         f"{name}_n_generated"}`` (each set needs at least 2 images)."""
         real, gen = self.embed(real_images), self.embed(generated_images)
-        return {
+        return self.distance(real, gen)
+
+    def distance(self, real: np.ndarray, gen: np.ndarray) -> dict[str, Any]:
+        """The result dict of :meth:`__call__` from two embedding sets (e.g. a real-vs-real floor)."""
+        out = {
             self.name: frechet_distance_from_features(real, gen),
             f"{self.name}_feature_network": self.source,
             f"{self.name}_feature_dim": int(real.shape[1]),
             f"{self.name}_n_real": int(real.shape[0]),
             f"{self.name}_n_generated": int(gen.shape[0]),
         }
+        if self.sha256:
+            out[f"{self.name}_feature_network_sha256"] = self.sha256
+        return out

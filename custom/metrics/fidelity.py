@@ -156,7 +156,7 @@ def lesion_radiomics_fidelity(real: Any, generated: Any, retest: Any, instances:
         tables included).
     """
     from custom.features import FEATURE_NAMES, extract_lesion_features
-    from custom.metrics.frd import DEFAULT_PARAMS_FILE
+    from custom.metrics.radiomics_distance import DEFAULT_PARAMS_FILE
 
     params = params_file or DEFAULT_PARAMS_FILE
     sets = [np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x, dtype=np.float64).reshape(-1, *np.shape(instances)[-2:])

@@ -1,4 +1,4 @@
-"""The Fréchet distance between two Gaussians, shared by FID/FSD (network embeddings) and FRD (radiomic features).
+"""The Fréchet distance between two Gaussians, shared by FID/FSD (network embeddings) and FD-radiomics67 (radiomic features).
 
 For Gaussians ``N(mu1, S1)`` and ``N(mu2, S2)``::
 

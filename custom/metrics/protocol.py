@@ -25,7 +25,7 @@ import numpy as np
 from custom.errors import MammoInputError
 
 __all__ = ["GCDM_SAMPLING", "gcdm_test_entries", "reference_breast_mask", "lesion_boxes", "compose_label",
-           "PooledConfusion", "SamBoxSegmenter"]
+           "PooledConfusion", "SamBoxSegmenter", "to_8bit", "gcdm_confusion"]
 
 #: Sampling settings of GCDM's evaluation.
 GCDM_SAMPLING: dict[str, Any] = {"samples_per_mask": 1, "ddim_steps": 50, "ddim_eta": 1.0, "guidance_scale": 3.0}
@@ -149,3 +149,49 @@ class SamBoxSegmenter:
         masks = self.processor.post_process_masks(self._torch.sigmoid(pred).cpu(), inputs["original_sizes"].cpu(),
                                                   inputs["reshaped_input_sizes"].cpu(), binarize=False)[0]
         return (masks[:, 0] > self.threshold).any(0).numpy()
+
+
+def to_8bit(image: np.ndarray) -> np.ndarray:
+    """``(H, W)`` float image in [0, 1] (clipped) -> uint8 ``round(255 x)``, as the reference's 8-bit PNGs; uint8 kept."""
+    img = np.asarray(image)
+    if img.dtype == np.uint8:
+        return img
+    return (np.clip(img.astype(np.float64), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def gcdm_confusion(
+    images: np.ndarray,
+    labels: np.ndarray,
+    instances: np.ndarray,
+    segment_lesion: Any,
+    breast_threshold: int = 15,
+) -> PooledConfusion:
+    """The reference's evaluation of a set of images against the label maps they were conditioned on.
+
+    For each image: breast = :func:`reference_breast_mask` of its 8-bit version; lesion = ``segment_lesion(i, image,
+    boxes)`` prompted with the ground-truth lesion boxes (:func:`lesion_boxes` of ``instances[i]``; not called for an
+    image without lesion); predicted label = :func:`compose_label`; ONE confusion matrix pooled over all images.
+
+    Args:
+        images: ``(N, H, W)`` or ``(N, 1, H, W)`` float in [0, 1] (generated, or the real images for the ceiling).
+        labels: ``(N, H, W)`` truth label maps {0 background, 1 breast, 2 lesion}.
+        instances: ``(N, H, W)`` lesion instance maps (0 = none, k = lesion k).
+        segment_lesion: ``(index, (H, W) image, boxes) -> bool (H, W)``.
+        breast_threshold: the reference's threshold on the 8-bit image.
+
+    Returns:
+        the pooled :class:`PooledConfusion` (rows truth, columns prediction).
+    """
+    imgs = np.asarray(images)
+    if imgs.ndim == 4:
+        imgs = imgs[:, 0]
+    labels, instances = np.asarray(labels), np.asarray(instances)
+    if not (imgs.shape == labels.shape == instances.shape):
+        raise ValueError(f"gcdm_confusion: images {imgs.shape}, labels {labels.shape}, instances {instances.shape} differ")
+    conf = PooledConfusion(3)
+    for i in range(imgs.shape[0]):
+        breast = reference_breast_mask(to_8bit(imgs[i]), threshold=breast_threshold)
+        boxes = lesion_boxes(instances[i])
+        lesion = np.asarray(segment_lesion(i, imgs[i], boxes), dtype=bool) if boxes else np.zeros(breast.shape, bool)
+        conf.update(compose_label(breast, lesion), labels[i])
+    return conf

@@ -1,13 +1,19 @@
-"""FRD - Fréchet Radiomics Distance between a real and a generated image set.
+"""FD-radiomics67 - the project's Fréchet distance of the 67 GCDM radiomic features between a real and a generated
+image set.
+
+**Not the published FRD** (the ``frd-score`` package: ≈464 features incl. LoG/wavelet images, its own normalisation
+and a log transform; see :mod:`custom.metrics.frd_published`). Renamed in 0.x from ``frd`` (metrics.json keys
+``frd`` -> ``fd_radiomics67``, option ``--frd_region`` -> ``--fd_radiomics67_region``) so the two are never
+confused.
 
 Each lesion (default) or each whole breast is described by the 67 PyRadiomics features of the GCDM condition vector
 (:func:`custom.features.extract_lesion_features`, settings ``bundle/configs/radiomics_params.yaml``). The two
-feature sets are normalised and FRD is the Fréchet distance (:func:`custom.metrics.frechet.frechet_distance`)
+feature sets are normalised and the distance is the Fréchet distance (:func:`custom.metrics.frechet.frechet_distance`)
 between their Gaussian fits.
 
 Normalisation (:class:`RadiomicsScaler`): **z-scores with the real set's statistics** - each feature minus the real
 set's mean, divided by the real set's (population) standard deviation. Both sets go through the same affine map,
-so FRD is 0 for identical sets and measures the generated set in units of the real set's spread. The raw features
+so the distance is 0 for identical sets and measures the generated set in units of the real set's spread. The raw features
 span many orders of magnitude (``TotalEnergy`` ~1e6, ``Sphericity`` ~1), which would otherwise let a few features
 dominate. A feature that is constant in the real set (std <= 1e-12 x max(1, |mean|)) is scaled by the pooled standard
 deviation of both sets instead, or by 1 when that is zero too, so it neither divides by zero nor disappears.
@@ -42,7 +48,7 @@ __all__ = [
     "RadiomicsScaler",
     "extract_radiomic_features",
     "frechet_radiomics_distance",
-    "frd_metrics",
+    "fd_radiomics67_metrics",
 ]
 
 logger = logging.getLogger(__name__)
@@ -174,7 +180,7 @@ class RadiomicsScaler:
 
 
 def frechet_radiomics_distance(real_features: Any, generated_features: Any, eps: float = 1e-6) -> float:
-    """Fréchet Radiomics Distance of two raw feature sets ``(N_real, D)``, ``(N_gen, D)`` (each N >= 2):
+    """FD-radiomics67 of two raw feature sets ``(N_real, D)``, ``(N_gen, D)`` (each N >= 2):
     z-score both with the real set's statistics (:class:`RadiomicsScaler`), then the Fréchet distance of their
     Gaussian fits. ``>= 0``; 0 for identical sets."""
     real = np.asarray(real_features, dtype=np.float64)
@@ -185,7 +191,7 @@ def frechet_radiomics_distance(real_features: Any, generated_features: Any, eps:
     return frechet_distance_from_features(scaler.transform(real), scaler.transform(gen), eps=eps)
 
 
-def frd_metrics(
+def fd_radiomics67_metrics(
     real_images: Any,
     real_masks: Any | None,
     generated_images: Any,
@@ -196,19 +202,20 @@ def frd_metrics(
     """Extract the features of both sets (:func:`extract_radiomic_features`) and compute :func:`frechet_radiomics_distance`.
 
     Returns:
-        ``{"frd": float, "frd_region", "frd_normalisation": "zscore_real", "frd_n_real", "frd_n_generated",
-        "frd_n_failed_real", "frd_n_failed_generated"}``. ``frd`` is ``None`` when either set has fewer than 2
+        ``{"fd_radiomics67": float, "fd_radiomics67_region", "fd_radiomics67_normalisation": "zscore_real",
+        "fd_radiomics67_n_real", "fd_radiomics67_n_generated", "fd_radiomics67_n_failed_real",
+        "fd_radiomics67_n_failed_generated"}``. ``fd_radiomics67`` is ``None`` when either set has fewer than 2
         regions (a covariance needs two).
     """
     real, info_r = extract_radiomic_features(real_images, real_masks, params_file, region)
     gen, info_g = extract_radiomic_features(generated_images, generated_masks, params_file, region)
     value = frechet_radiomics_distance(real, gen) if real.shape[0] >= 2 and gen.shape[0] >= 2 else None
     return {
-        "frd": value,
-        "frd_region": region,
-        "frd_normalisation": "zscore_real",
-        "frd_n_real": info_r["n_regions"],
-        "frd_n_generated": info_g["n_regions"],
-        "frd_n_failed_real": info_r["n_failed"],
-        "frd_n_failed_generated": info_g["n_failed"],
+        "fd_radiomics67": value,
+        "fd_radiomics67_region": region,
+        "fd_radiomics67_normalisation": "zscore_real",
+        "fd_radiomics67_n_real": info_r["n_regions"],
+        "fd_radiomics67_n_generated": info_g["n_regions"],
+        "fd_radiomics67_n_failed_real": info_r["n_failed"],
+        "fd_radiomics67_n_failed_generated": info_g["n_failed"],
     }
