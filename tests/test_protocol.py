@@ -120,8 +120,17 @@ def test_protocol_settings_defaults_deviations_and_bad_values():
     assert (g["ddim_steps"], g["ddim_eta"], g["guidance_scale"], g["diversity_cases"]) == (50, 1.0, 3.0, 0)
     assert g["protocol_deviations"] == {}
     p = protocol_settings("project")
-    assert {k: p[k] for k in PROJECT_SAMPLING} == {"ddim_steps": 20, "ddim_eta": 0.0, "guidance_scale": 3.0,
+    assert {k: p[k] for k in PROJECT_SAMPLING} == {"ddim_steps": 20, "ddim_eta": 1.0, "guidance_scale": 3.0,
                                                    "diversity_cases": 3}
+    # the project protocol samples as the bundle's own workflows do by default (one sampler setting, not four)
+    import json
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "bundle" / "configs"
+    for name in ("inference.json", "train_diffusion.json", "synthesize.json"):
+        cfg = json.loads((configs / name).read_text())
+        assert (cfg["ddim_eta"], cfg["guidance_scale"]) == (p["ddim_eta"], p["guidance_scale"]), name
+    assert json.loads((configs / "inference.json").read_text())["ddim_steps"] == p["ddim_steps"]
     d = protocol_settings("gcdm", ddim_steps=10)
     assert d["ddim_steps"] == 10 and d["protocol_deviations"] == {"ddim_steps": {"reference": 50, "used": 10}}
     assert protocol_settings("project", ddim_steps=7)["protocol_deviations"] == {}

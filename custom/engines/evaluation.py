@@ -85,7 +85,7 @@ ABLATIONS_FORMAT = "mammo_gcdm/evaluation-ablations"
 #: ``--protocol``: ``project`` (this bundle's defaults) or ``gcdm`` (the reference's ``evaluation.py``)
 PROTOCOLS = ("project", "gcdm")
 #: the project protocol's sampling defaults (the steps study: 20 DDIM steps reproduce the 50-step image)
-PROJECT_SAMPLING: dict[str, Any] = {"ddim_steps": 20, "ddim_eta": 0.0, "guidance_scale": 3.0, "diversity_cases": 3}
+PROJECT_SAMPLING: dict[str, Any] = {"ddim_steps": 20, "ddim_eta": 1.0, "guidance_scale": 3.0, "diversity_cases": 3}
 GCDM_PROTOCOL_NOTE = ("GCDM protocol (the reference evaluation.py): mass test images only, one sample per mask, "
                       "50 DDIM steps, eta 1.0, guidance 3.0; breast by the reference's threshold rule on the 8-bit image "
                       "(>= 15, erode, largest region, dilate, erode); lesion by the box-prompted segmenter named in "
