@@ -104,7 +104,7 @@ infer: env
 
 evaluate: env
 	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(BUNDLE) run evaluate --config_file bundle/configs/evaluate.json \
-		--prepared_dir $(PREPARED_DIR) --results_dir $(RUNS_DIR)/evaluation
+		--prepared_dir $(PREPARED_DIR) --results_dir $(RUNS_DIR)/evaluation --published_frd true
 
 train: train-autoencoder
 	$(MAKE) train-diffusion train-segmenter presets infer evaluate
