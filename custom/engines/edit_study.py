@@ -19,7 +19,7 @@ Steps (each through the bundle's own ``inference`` workflow, ``python -m monai.b
 2. Keep vs inpaint: the lesion is inserted into the box by ``--mode keep`` (default model, RePaint) and by
    ``--mode inpaint`` (inpainting model). Measured at model resolution in the prepared frame:
    *FD-radiomics67* (the Fréchet distance over the project's 67 radiomic features, z-scored with the real set,
-   :func:`custom.metrics.frd.frechet_radiomics_distance`; not the published FRD) between the inserted lesions and the
+   :func:`custom.metrics.radiomics_distance.frechet_radiomics_distance`; not the published FRD) between the inserted lesions and the
    real lesions of the same images; *Mass IoU* of the segmenter's lesion inside the edited region against the
    requested lesion, pooled over cases (ceiling: the segmenter on the real images against their lesion masks, same
    regions); *seam score* (:func:`custom.metrics.fidelity.seam_score`: mean intensity jump across the region
@@ -73,7 +73,7 @@ from custom.metrics.attribute_classifier import (
     train_attribute_classifier,
 )
 from custom.metrics.fidelity import removal_error, seam_score
-from custom.metrics.frd import DEFAULT_PARAMS_FILE, frechet_radiomics_distance
+from custom.metrics.radiomics_distance import DEFAULT_PARAMS_FILE, frechet_radiomics_distance
 from custom.metrics.segmenter import load_segmenter, predict_lesion
 from custom.transforms.geometry import MammoGeometry
 
