@@ -95,6 +95,26 @@ def test_paper_config_trains_two_iterations_and_samples(tmp_path, prepared_dir):
         assert (enc.encode(x) - want).abs().max() <= 1e-4  # the file's VAE, 1 channel replicated to 3
     ema = torch.load(models / "model.pt", weights_only=True)["model"]
     assert all(torch.equal(v, ema[k]) for k, v in bm.network.state_dict().items())
+    # the model moved to another machine: the same SD file at another path is accepted (verified by its SHA-256
+    # against diffusion_info.json), another SD file is refused with one line naming it
+    import shutil
+
+    from custom.errors import MammoInputError
+
+    moved = tmp_path / "elsewhere" / ckpt.name
+    moved.parent.mkdir()
+    shutil.copyfile(ckpt, moved)
+    relocated = BundleModel(REPO / "bundle", models / "model.pt", models / "autoencoder.pt",
+                            overrides={"sd_path": str(moved)})
+    with torch.no_grad():
+        assert (relocated.latent_encoder.encode(x) - want).abs().max() <= 1e-4
+    other = tmp_path / "other-sd.safetensors"  # the same file with the last stored byte changed: other weights
+    data = bytearray(ckpt.read_bytes())
+    data[-1] ^= 0x01
+    other.write_bytes(bytes(data))
+    wrong = BundleModel(REPO / "bundle", models / "model.pt", models / "autoencoder.pt", overrides={"sd_path": str(other)})
+    with pytest.raises(MammoInputError, match="--sd_path: not the weights this model was trained with"):
+        wrong.latent_encoder
     from monai.bundle import run
 
     run("inference", config_file=[str(CONFIGS / "inference.json")], meta_file=str(CONFIGS / "metadata.json"),

@@ -187,6 +187,11 @@ def check_stage1(path: str | os.PathLike, autoencoder_record: Mapping[str, Any])
                      "the stage-1 autoencoder", hint="stage 2 must use the model keys (and scale file) stage 1 was trained with")
 
 
+#: model keys that name where weights live rather than what they are: they may differ from the record (a model moved to
+#: another machine) and are then verified by content (SHA-256 against ``diffusion_info.json``) when loaded.
+RELOCATABLE_KEYS = ("sd_path",)
+
+
 class BundleModel:
     """The trained model of a bundle, rebuilt from its one definition (``configs/common.json``) and the record the
     training wrote into ``model.pt``: the network (weights loaded strictly), the frozen latent encoder (stage 1,
@@ -243,9 +248,14 @@ class BundleModel:
                                                        "(a checkpoint of another bundle version)")
             self.parser.update(dict(self.record))
         self.mismatches: dict[str, dict[str, Any]] = {}
+        self.relocated: dict[str, dict[str, Any]] = {}
         for key, value in dict(overrides or {}).items():
             trained = self.parser.get_parsed_content(key)
             if _same(json.loads(json.dumps(value, default=str)), json.loads(json.dumps(trained, default=str))):
+                continue
+            if key in RELOCATABLE_KEYS:  # the same weights at another place: verified by content when loaded
+                self.relocated[key] = {"trained": trained, "configured": value}
+                self.parser[key] = value
                 continue
             if key not in may_differ:
                 raise MammoInputError(self.model_path, f"the model was trained with {key}={trained!r} but --{key} "
@@ -270,8 +280,30 @@ class BundleModel:
             ae_keys = list(self.parser.get("autoencoder_record", {}))
             check_record(read_record(ckpt, self.stage1_path), {k: self.config[k] for k in ae_keys}, self.stage1_path,
                          "the stage-1 autoencoder", hint="it is not the autoencoder this model was trained with")
-            self._latent_encoder = self.parser.get_parsed_content("latent_encoder").to(self.device)
+            encoder = self.parser.get_parsed_content("latent_encoder").to(self.device)
+            if self.relocated:
+                self._check_relocated(encoder)
+            self._latent_encoder = encoder
         return self._latent_encoder
+
+    def _check_relocated(self, encoder: torch.nn.Module) -> None:
+        """A stage 1 read from another place than in training (``--sd_path`` on another machine) must be the same
+        weights: its SHA-256 must equal ``stage1_checkpoint_sha256`` of the model's ``diffusion_info.json``."""
+        info_path = self.model_path.parent / "diffusion_info.json"
+        try:
+            recorded = json.loads(info_path.read_text()).get("stage1_checkpoint_sha256")
+        except (OSError, ValueError) as err:
+            raise MammoInputError(info_path, f"cannot verify the relocated {sorted(self.relocated)} without the model's "
+                                             f"side file ({err})") from None
+        used = getattr(encoder, "checkpoint_digest", None)
+        if not recorded or used != recorded:
+            key = sorted(self.relocated)[0]
+            raise MammoInputError(self.relocated[key]["configured"],
+                                  f"--{key}: not the weights this model was trained with (SHA-256 {str(used)[:12]}…, "
+                                  f"{info_path.name} records {str(recorded)[:12]}…)")
+        logger.info("stage 1 read from %s (trained with %s): same weights (SHA-256 %s…)",
+                    self.relocated[sorted(self.relocated)[0]]["configured"],
+                    self.relocated[sorted(self.relocated)[0]]["trained"], str(used)[:12])
 
     @property
     def sampling_scheduler(self) -> Any:
