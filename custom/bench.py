@@ -120,7 +120,8 @@ def unet_shapes(name: str, tiny: bool = False) -> dict[str, Any]:
     """The UNet configuration of the ``default`` or ``paper`` bundle config: MONAI kwargs, the diffusers
     equivalent and the context length."""
     files = ["common.json", "train_diffusion.json"] + (["paper.json"] if name == "paper" else [])
-    p = _parse(files)
+    # shapes only: paper.json refuses to resolve without Stable Diffusion weights unless told they are random
+    p = _parse(files, **({"sd_random_weights": True} if name == "paper" else {}))
     unet = dict(p.get_parsed_content("unet_kwargs"))
     in_c = int(p.get_parsed_content("latent_channels")) + int(p.get_parsed_content("mask_latent_channels"))
     out_c = int(p.get_parsed_content("latent_channels"))
@@ -231,6 +232,8 @@ def _gcdm_network(name: str, tiny: bool, use_flash_attention: bool = True):
     files = ["common.json", "train_diffusion.json"] + (["paper.json"] if name == "paper" else [])
     # the network's shapes only: random weights, no Stable Diffusion file (paper.json's network_def loads one)
     overrides = {"use_flash_attention": use_flash_attention, "network_def": "@diffusion_def"}
+    if name == "paper":
+        overrides["sd_random_weights"] = True
     if tiny:
         overrides.update({"cross_attention_dim": 16, "image_size": 32,
                           "unet_kwargs": {"channels": [8, 16, 16], "attention_levels": [False, True, True],
