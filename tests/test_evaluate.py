@@ -92,6 +92,9 @@ def test_cli_writes_metrics_with_the_expected_keys_and_ranges(evaluation):
     assert s["fd_radiomics67"] is None or s["fd_radiomics67"] >= 0
     assert s["frd"] is None and m["frd_published"]["frd"] is None  # the published FRD is off by default (project protocol)
     assert s["floor_feature_distance"] >= 0  # real-vs-real floor: two halves of the real test set
+    # stage-1 reference: real vs the real images' own autoencoder round trip, the same distance function
+    assert s["stage1_feature_distance"] >= 0 and s["stage1_feature_distance"] == m["feature_distance"]["stage1_reconstruction"]
+    assert s["stage1_fd_radiomics67"] is None or s["stage1_fd_radiomics67"] >= 0
     cm = np.asarray(m["controllability"]["confusion_matrix"])
     assert cm.shape == (3, 3) and cm.sum() == n * 32 * 32  # ONE matrix pooled over every test image
     assert m["controllability"]["n_images"] == m["segmenter_ceiling"]["n_images"] == n

@@ -343,6 +343,14 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
+def _floors(s: Mapping[str, Any], key: str) -> str:
+    """The two reference values of a distance: real vs real, and real vs its own stage-1 reconstruction."""
+    text = f"{_fmt(s.get('floor_' + key))} (real vs real floor)"
+    if s.get("stage1_" + key) is not None:
+        text += f"; {_fmt(s.get('stage1_' + key))} (real vs its stage-1 reconstruction)"
+    return text
+
+
 def _metric_rows(m: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     """(metric, generated, real-image ceiling / note) rows of the headline table."""
     s = m["metrics"]
@@ -356,11 +364,11 @@ def _metric_rows(m: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         ("Pixel accuracy (pooled)", _fmt(s.get("pixel_accuracy")), _fmt(s.get("ceiling_pixel_accuracy"))),
         ("Mass Dice per image (mean ± std)", dice, cdice),
         ("FD-radiomics67 (67 lesion radiomic features; not the published FRD)", _fmt(s.get("fd_radiomics67")),
-         f"{_fmt(s.get('floor_fd_radiomics67'))} (real vs real floor)"),
-        ("FRD (published, frd-score v1)", _fmt(s.get("frd")), f"{_fmt(s.get('floor_frd'))} (real vs real floor)"),
+         _floors(s, "fd_radiomics67")),
+        ("FRD (published, frd-score v1)", _fmt(s.get("frd")), _floors(s, "frd")),
         ("Radiomics fidelity (mean Spearman, requested vs measured per lesion)", _fmt(s.get("radiomics_fidelity")),
          f"{_fmt(s.get('ceiling_radiomics_fidelity'))} (real vs its stage-1 reconstruction)"),
-        (fd_label, _fmt(s.get("feature_distance")), f"{_fmt(s.get('floor_feature_distance'))} (real vs real floor)"),
+        (fd_label, _fmt(s.get("feature_distance")), _floors(s, "feature_distance")),
         ("MS-SSIM diversity (lower = more diverse)", _fmt(s.get("ms_ssim")), ""),
         ("Stage-1 reconstruction SSIM / PSNR (dB)", f"{_fmt(s.get('recon_ssim'))} / {_fmt(s.get('recon_psnr'))}", ""),
     ]
@@ -501,6 +509,17 @@ class EvaluationReport:
         floor_note = f"real test images at even vs odd positions ({(n_real + 1) // 2} vs {n_real // 2})"
 
         t0 = time.time()
+        with torch.no_grad():
+            dev = next(self.encoder.parameters()).device
+            recon = torch.cat([self.encoder.decode(self.encoder.encode(real_t[i : i + 16].to(dev))).cpu()
+                               for i in range(0, real_t.shape[0], 16)])
+        reconstruction = reconstruction_metrics(recon, real_t)
+        # the same distances for the real images' stage-1 round trip: the part of each distance that stage 1 alone
+        # accounts for (no sampler can be closer to the real set than what the decoder can express)
+        recon_np = recon.clamp(0, 1).numpy().astype(a["real"].dtype)
+        seconds["reconstruction"] = time.time() - t0
+
+        t0 = time.time()
         fdr_kwargs = {"region": self.fd_radiomics67_region}
         if self.params_file:
             fdr_kwargs["params_file"] = self.params_file
@@ -509,6 +528,8 @@ class EvaluationReport:
         fd_rad_floor = fd_radiomics67_metrics(a["real"][half_a], None if masks is None else masks[half_a],
                                               a["real"][half_b], None if masks is None else masks[half_b], **fdr_kwargs)
         fd_rad["floor_real_vs_real"] = fd_rad_floor["fd_radiomics67"]
+        fd_rad["stage1_reconstruction"] = fd_radiomics67_metrics(a["real"], masks, recon_np, masks,
+                                                                 **fdr_kwargs)["fd_radiomics67"]
         fd_rad["floor_note"] = floor_note
         seconds["fd_radiomics67"] = time.time() - t0
 
@@ -523,6 +544,7 @@ class EvaluationReport:
             feature["floor_real_vs_real"] = (fd.distance(emb_real[half_a], emb_real[half_b])[fd.name]
                                              if n_real >= 4 else None)
             feature["floor_note"] = floor_note if n_real >= 4 else "needs at least 4 real images (2 per half)"
+            feature["stage1_reconstruction"] = fd.distance(emb_real, fd.embed(torch.from_numpy(recon_np)))[fd.name]
         else:
             feature = {"name": "fid" if self.fid else "fsd", "value": None, "note": "needs at least 2 images per set",
                        "floor_real_vs_real": None}
@@ -537,6 +559,7 @@ class EvaluationReport:
             floor = published_frd(a["real"][half_a], a["real"][half_b]) if n_real >= 4 else {"frd": None}
             published["floor_real_vs_real"] = floor["frd"]
             published["floor_note"] = floor_note if n_real >= 4 else "needs at least 4 real images (2 per half)"
+            published["stage1_reconstruction"] = published_frd(a["real"], recon_np)["frd"]
             seconds["published_frd"] = time.time() - t0
 
         t0 = time.time()
@@ -552,14 +575,6 @@ class EvaluationReport:
             "per_condition": per_condition,
         }
         seconds["diversity"] = time.time() - t0
-
-        t0 = time.time()
-        with torch.no_grad():
-            dev = next(self.encoder.parameters()).device
-            recon = torch.cat([self.encoder.decode(self.encoder.encode(real_t[i : i + 16].to(dev))).cpu()
-                               for i in range(0, real_t.shape[0], 16)])
-        reconstruction = reconstruction_metrics(recon, real_t)
-        seconds["reconstruction"] = time.time() - t0
 
         t0 = time.time()
         from custom.metrics.fidelity import lesion_radiomics_fidelity
@@ -592,6 +607,9 @@ class EvaluationReport:
             "floor_frd": published["floor_real_vs_real"] if published else None,
             "feature_distance": feature["value"],
             "feature_distance_name": feature["name"],
+            "stage1_feature_distance": feature.get("stage1_reconstruction"),
+            "stage1_fd_radiomics67": fd_rad.get("stage1_reconstruction"),
+            "stage1_frd": published.get("stage1_reconstruction") if published else None,
             "floor_feature_distance": feature.get("floor_real_vs_real"),
             "ms_ssim": diversity["ms_ssim_mean"],
             "recon_ssim": reconstruction["ssim_mean"],
