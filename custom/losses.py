@@ -1,4 +1,5 @@
-"""Stage-1 (autoencoder) losses: KL regulariser and a perceptual loss whose feature network is read from a local file.
+"""Training losses: stage 1's KL regulariser and a perceptual loss whose feature network is read from a local file;
+stage 2's per-sample weighted MSE (:class:`WeightedMSELoss`, for Min-SNR-gamma weighting).
 
 MONAI's :class:`monai.losses.PerceptualLoss` downloads its feature networks from a model hub; nothing may be
 downloaded here, so :class:`LocalPerceptualLoss` takes the network from a **local path** instead:
@@ -27,9 +28,31 @@ from torch import nn
 from custom.checkpoints import load_state_dict_checked, save_checkpoint
 from custom.errors import MammoInputError
 
-__all__ = ["FeatureNet", "LocalPerceptualLoss", "kl_loss", "load_feature_network", "save_feature_network"]
+__all__ = ["FeatureNet", "LocalPerceptualLoss", "WeightedMSELoss", "kl_loss", "load_feature_network", "save_feature_network"]
 
 _FORMAT = "mammo_gcdm.feature_network"
+
+
+class WeightedMSELoss(nn.Module):
+    """Mean squared error with a weight per sample: ``mean_b(w_b * mse_b)``, ``mse_b`` the mean of
+    ``(pred - target)^2`` over sample ``b``'s elements (Min-SNR-gamma's definition; no renormalisation by the weights).
+
+    Why not ``torch.nn.MSELoss``: MONAI's ``SupervisedTrainer`` calls ``loss_function(pred, targets)`` with whatever
+    the prepare-batch returned as the target, and the per-sample weight depends on the timestep drawn there
+    (:class:`custom.engines.diffusion.GCDMPrepareBatch` with ``snr_gamma``), so the target arrives as
+    ``(target, weight)``. A plain tensor target gives exactly ``torch.nn.MSELoss()(pred, target)``.
+
+    Shapes: ``pred``, ``target`` ``(B, C, H, W)`` (any trailing dims); ``weight`` ``(B,)``.
+    """
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        if isinstance(target, torch.Tensor):
+            return nn.functional.mse_loss(pred, target)
+        target, weight = target
+        if weight.ndim != 1 or weight.shape[0] != pred.shape[0]:
+            raise ValueError(f"WeightedMSELoss: weight must be (B,) = ({pred.shape[0]},), got {tuple(weight.shape)}")
+        per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+        return (weight.to(per_sample) * per_sample).mean()
 
 
 def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:

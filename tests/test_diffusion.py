@@ -418,6 +418,61 @@ def test_prediction_targets_and_validation_noise(prediction_type):
     assert torch.equal(GCDMTrainInferer(sched, prediction_type=prediction_type)(z0, Oracle(), kw["noise"], kw["timesteps"]), target)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_weights_and_weighted_loss(prediction_type):
+    from monai.networks.schedulers import DDPMScheduler
+
+    from custom.engines.diffusion import GCDMPrepareBatch
+    from custom.losses import WeightedMSELoss
+
+    sched = DDPMScheduler(1000, schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195, prediction_type=prediction_type)
+    pb = GCDMPrepareBatch(1000, prediction_type=prediction_type, scheduler=sched, snr_gamma=5.0)
+    t = torch.tensor([0, 100, 400, 999])
+    w = pb.loss_weight(t)
+    for k, ti in enumerate(t.tolist()):  # Hang et al.: the z0-error weight min(SNR, 5), expressed per target
+        a = float(sched.alphas_cumprod[ti])
+        snr = a / (1 - a)
+        want = {"epsilon": min(snr, 5.0) / snr, "v_prediction": min(snr, 5.0) / (snr + 1), "sample": min(snr, 5.0)}
+        assert w[k].item() == pytest.approx(want[prediction_type], rel=1e-5)
+    b = 4
+    batch = {"latent": torch.randn(b, 4, 3, 3), "mask_latent": torch.zeros(b, 12, 3, 3), "features": torch.zeros(b, 2, 67),
+             "lesion_masks": torch.zeros(b, 2, 4, 4), "lesion_present": torch.zeros(b, 2), "case_id": list("abcd")}
+    _, (target, weight), _, kw = pb(batch, "cpu")
+    torch.testing.assert_close(weight, pb.loss_weight(kw["timesteps"]))
+    plain = GCDMPrepareBatch(1000, prediction_type=prediction_type, scheduler=sched)
+    torch.manual_seed(0)
+    _, plain_target, _, _ = plain(batch, "cpu")
+    torch.manual_seed(0)
+    _, (weighted_target, _), _, _ = pb(batch, "cpu")
+    assert torch.equal(plain_target, weighted_target)  # the weighting changes the loss, never the target
+
+    pred = torch.randn(b, 4, 3, 3)
+    per_sample = [((pred[i] - target[i]) ** 2).mean().item() for i in range(b)]
+    expected = sum(weight[i].item() * per_sample[i] for i in range(b)) / b
+    assert WeightedMSELoss()(pred, (target, weight)).item() == pytest.approx(expected, rel=1e-6)
+    assert torch.equal(WeightedMSELoss()(pred, target), torch.nn.MSELoss()(pred, target))  # plain target: plain MSE
+    with pytest.raises(ValueError, match="snr_gamma"):
+        GCDMPrepareBatch(1000, prediction_type=prediction_type, scheduler=sched, snr_gamma=-1)
+    with pytest.raises(ValueError, match="weight must be"):
+        WeightedMSELoss()(pred, (target, weight[:2]))
+
+
+def test_snr_gamma_option_reaches_the_trainer(env, tmp_path):
+    """``snr_gamma`` set in the training config: the trainer's loss is the weighted one, on the weighted target."""
+    from custom.losses import WeightedMSELoss
+
+    p = make_parser(env, tmp_path, snr_gamma=5.0, train_limit=2, val_limit=1, max_epochs=1, sample_interval=0)
+    trainer = p.get_parsed_content("train#trainer")
+    assert isinstance(trainer.loss_function, WeightedMSELoss) and trainer.prepare_batch.snr_gamma == 5.0
+    seen, forward = [], trainer.loss_function.forward
+    trainer.loss_function.forward = lambda pred, target: (seen.append(target), forward(pred, target))[1]
+    trainer.run()
+    target, weight = seen[0]
+    assert weight.shape == (target.shape[0],) and bool((weight > 0).all() and (weight <= 1).all())
+    off = make_parser(env, tmp_path / "off", train_limit=2, val_limit=1, max_epochs=1, sample_interval=0)
+    assert type(off.get_parsed_content("loss")) is torch.nn.MSELoss  # default (snr_gamma null): the stock loss
+
+
 @pytest.fixture(scope="module")
 def sampler_parts(env, tmp_path_factory):
     p = make_parser(env, tmp_path_factory.mktemp("sampling"))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import threading
 import zlib
@@ -373,6 +374,11 @@ class GCDMPrepareBatch(DiffusionPrepareBatch):
             lesion_masks, lesion_present).
         extra_keys: more network arguments taken from the batch (e.g. ``{"extra_concat": "masked_latent"}`` for
             inpainting, ``{"clinical": "clinical_vector"}`` for a token source).
+        snr_gamma: ``None`` (default): the target is a plain tensor and every timestep weighs the same. A number
+            ``gamma``: Min-SNR-gamma loss weighting (Hang et al., ICCV 2023): the target becomes
+            ``(target, weight)`` with ``weight = min(SNR_t, gamma) / SNR_t`` (epsilon), ``/ (SNR_t + 1)``
+            (v_prediction) or ``min(SNR_t, gamma)`` (sample), ``SNR_t = a_t / (1 - a_t)``: the same weighting of the
+            implied ``z0`` error whatever the prediction target. Use it with :class:`custom.losses.WeightedMSELoss`.
 
     Inferer kwargs: ``noise``, ``timesteps``, ``mask_latent``, ``drop_features``, ``drop_mask`` and the condition
     and extra keys. ``self.last_drops`` holds the last drawn ``(drop_features, drop_mask)``.
@@ -390,8 +396,14 @@ class GCDMPrepareBatch(DiffusionPrepareBatch):
         extra_keys: Mapping[str, str] | None = None,
         prediction_type: str = "epsilon",
         scheduler: Any | None = None,
+        snr_gamma: float | None = None,
     ) -> None:
         super().__init__(num_train_timesteps=num_train_timesteps, condition_name=None)
+        if snr_gamma is not None and not (isinstance(snr_gamma, (int, float)) and math.isfinite(snr_gamma) and snr_gamma > 0):
+            raise ValueError(f"GCDMPrepareBatch: snr_gamma must be a positive number or None, got {snr_gamma!r}")
+        if snr_gamma is not None and scheduler is None:
+            raise ValueError("GCDMPrepareBatch: snr_gamma needs the training scheduler (its alphas_cumprod)")
+        self.snr_gamma = None if snr_gamma is None else float(snr_gamma)
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"GCDMPrepareBatch: prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         if prediction_type == "v_prediction" and scheduler is None:
@@ -433,6 +445,21 @@ class GCDMPrepareBatch(DiffusionPrepareBatch):
             return self.scheduler.get_velocity(images, noise, timesteps)
         return noise
 
+    def loss_weight(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` Min-SNR-gamma weights of ``timesteps`` (see ``snr_gamma``); ones when ``snr_gamma`` is None."""
+        if self.snr_gamma is None:
+            return torch.ones(timesteps.shape[0], device=timesteps.device)
+        a = self.scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float64)[timesteps.long()]
+        snr = a / (1.0 - a)
+        clipped = snr.clamp(max=self.snr_gamma)
+        if self.prediction_type == "v_prediction":
+            w = clipped / (snr + 1.0)
+        elif self.prediction_type == "sample":
+            w = clipped
+        else:
+            w = clipped / snr
+        return w.float()
+
     def __call__(
         self,
         batchdata: dict[str, Any],
@@ -462,6 +489,8 @@ class GCDMPrepareBatch(DiffusionPrepareBatch):
         finally:
             self._generators = None
         target = self.get_target(z0, noise, timesteps)
+        if self.snr_gamma is not None:
+            target = (target, self.loss_weight(timesteps))
         if self.seed is None:
             drop_features, drop_mask = cfg_dropout_masks(b, self.p_features, self.p_mask, self.p_both, device=z0.device)
         else:
