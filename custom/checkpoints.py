@@ -21,7 +21,7 @@ import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -29,7 +29,7 @@ from custom.errors import MammoInputError
 from custom.io import atomic_path, atomic_write_text
 
 __all__ = ["checksum_path", "file_sha256", "write_checksum", "verify_checkpoint", "load_checkpoint",
-           "load_state_dict_checked", "save_checkpoint", "load_stage1", "save_stage1"]
+           "load_state_dict_checked", "StateDictMismatches", "state_dict_mismatches", "save_checkpoint", "load_stage1", "save_stage1"]
 
 _CHECKSUM_LINE = re.compile(r"^([0-9a-f]{64})  (.+)$")
 
@@ -111,22 +111,54 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return dict(obj)
 
 
-def load_state_dict_checked(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str | os.PathLike, what: str) -> None:
-    """``module.load_state_dict(state, strict=True)``, turning key/shape mismatches into one readable error
-    (a checkpoint from another configuration)."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
+class StateDictMismatches(NamedTuple):
+    """How a state dict differs from a network's own (:func:`state_dict_mismatches`); true when anything differs.
+
+    ``missing``: the network's keys absent from the state dict (network order); ``unexpected``: the state dict's keys
+    the network does not have (state dict order); ``shapes``: ``(key, state dict shape, network shape)`` of the common
+    keys whose shapes differ (network order)."""
+
+    missing: list[str]
+    unexpected: list[str]
+    shapes: list[tuple[str, tuple[int, ...], tuple[int, ...]]]
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.shapes)
+
+
+def state_dict_mismatches(own: Mapping[str, Any], state: Mapping[str, Any],
+                          ignore: Sequence[str] = ()) -> StateDictMismatches:
+    """The key/shape diff of ``state`` (a loaded checkpoint) against ``own`` (``network.state_dict()``), the one
+    check behind every strict loader (here, :func:`custom.metrics.inception.load_fid_inception`, the CLIP image
+    encoder of :mod:`custom.networks.sd_weights`): each caller words its own error from it.
+
+    Args:
+        own: the network's state dict (key -> tensor; only ``.shape`` is read).
+        state: the state dict to load (key -> tensor).
+        ignore: key suffixes of ``own`` that may be absent from ``state`` (e.g. ``"num_batches_tracked"``): not
+            reported missing; still compared by shape when present.
+    """
+    suffixes = tuple(ignore)
+    missing = [k for k in own if k not in state and not (suffixes and k.endswith(suffixes))]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
+    shapes = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    return StateDictMismatches(missing, unexpected, shapes)
+
+
+def load_state_dict_checked(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str | os.PathLike, what: str) -> None:
+    """``module.load_state_dict(state, strict=True)``, turning key/shape mismatches (:func:`state_dict_mismatches`)
+    into one readable error (a checkpoint from another configuration)."""
+    diff = state_dict_mismatches(module.state_dict(), state)
+    if diff:
         parts = []
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatch(es), e.g. {shapes[0]}")
-        if missing:
-            parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
+        if diff.shapes:
+            k, theirs, ours = diff.shapes[0]
+            parts.append(f"{len(diff.shapes)} shape mismatch(es), e.g. {k}: checkpoint {theirs} vs model {ours}")
+        if diff.missing:
+            parts.append(f"{len(diff.missing)} missing key(s), e.g. {diff.missing[0]}")
+        if diff.unexpected:
+            parts.append(f"{len(diff.unexpected)} unexpected key(s), e.g. {diff.unexpected[0]}")
         raise MammoInputError(source, f"{what} does not match the configured network (another configuration?): " + "; ".join(parts))
     module.load_state_dict(state, strict=True)
 

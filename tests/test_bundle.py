@@ -216,3 +216,25 @@ def test_export_writes_a_program_with_the_networks_outputs(models, tmp_path):
         a = model.network(*args, **kwargs)
         b = program.module()(*args, **kwargs)
     assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5) and float(a.abs().max()) > 0
+
+
+def test_relocated_stage1_check_names_the_first_relocated_key(tmp_path, caplog):
+    """``BundleModel._check_relocated`` alone (no model built): the digest of the relocated weights must equal the
+    one ``diffusion_info.json`` records; a mismatch names the first relocated option (name order) and its path."""
+    import logging
+    from types import SimpleNamespace
+
+    from custom.errors import MammoInputError
+    from custom.workflows.bundle import BundleModel
+
+    (tmp_path / "diffusion_info.json").write_text(json.dumps({"stage1_checkpoint_sha256": "ab" * 32}))
+    bm = BundleModel.__new__(BundleModel)
+    bm.model_path = tmp_path / "model.pt"
+    bm.relocated = {"sd_path": {"trained": "/train/sd.ckpt", "configured": "/here/sd.ckpt"},
+                    "clip_path": {"trained": "/train/clip", "configured": "/here/clip"}}
+    with pytest.raises(MammoInputError, match=r"--clip_path: not the weights this model was trained with") as err:
+        bm._check_relocated(SimpleNamespace(checkpoint_digest="cd" * 32))
+    assert "/here/clip" in str(err.value) and "SHA-256 cdcdcdcdcdcd" in str(err.value)
+    with caplog.at_level(logging.INFO, logger="custom.workflows.bundle"):
+        bm._check_relocated(SimpleNamespace(checkpoint_digest="ab" * 32))
+    assert "stage 1 read from /here/clip (trained with /train/clip): same weights (SHA-256 abababababab" in caplog.text

@@ -246,3 +246,33 @@ def test_protocol_options_are_checked_before_generating(models, prepared_dir, tm
         _run(models, prepared_dir, tmp_path / "r", protocol="gcdm", sam_path=str(tmp_path / "no_sam"))
     assert "--sam_path" in describe_error(err.value) or "no_sam" in describe_error(err.value)
     assert not (tmp_path / "r").exists() or not list((tmp_path / "r").rglob("*.png"))
+
+
+def test_gcdm_max_cases_counts_the_mass_cases_evaluated(prepared_dir, tmp_path):
+    """``--protocol gcdm --max_cases k``: the first k images *with a mass* are evaluated, even when the split starts
+    with images without one (a datalist whose test split lists every non-mass image first); the non-mass images
+    before them are listed as skipped. The project protocol keeps "the first k images"."""
+    from custom.engines.evaluation import evaluation_cases
+    from custom.errors import MammoInputError
+
+    src = Path(prepared_dir)
+    for p in src.iterdir():
+        if p.name != "datalist.json":
+            (tmp_path / p.name).symlink_to(p)
+    splits = json.loads((src / "datalist.json").read_text())
+    every = [e for s in ("training", "validation", "test") for e in splits.get(s, [])]
+    healthy = [e for e in every if int(e.get("num_lesions", 0)) == 0][:3]
+    masses = [e for e in every if int(e.get("num_lesions", 0)) > 0][:3]
+    assert len(healthy) == 3 and len(masses) == 3  # the session phantom has both
+    (tmp_path / "datalist.json").write_text(json.dumps({**splits, "test": healthy + masses}))
+    kw = dict(image_size=32, sigma=2.0, max_lesions=2, diversity_cases=0)
+    got = evaluation_cases(tmp_path, "test", max_cases=2, mass_only=True, **kw)
+    assert [c.name for c in got.cases] == [masses[0]["case_id"], masses[1]["case_id"]]  # 2 mass cases, not 0
+    assert [s["case"] for s in got.skipped if "no mass" in s["reason"]] == [e["case_id"] for e in healthy]
+    everything = evaluation_cases(tmp_path, "test", mass_only=True, **kw)
+    assert [c.name for c in everything.cases] == [e["case_id"] for e in masses]
+    project = evaluation_cases(tmp_path, "test", max_cases=2, mass_only=False, **kw)
+    assert [c.name for c in project.cases] == [healthy[0]["case_id"], healthy[1]["case_id"]]
+    (tmp_path / "datalist.json").write_text(json.dumps({**splits, "test": healthy}))
+    with pytest.raises(MammoInputError, match="has no image with a mass"):
+        evaluation_cases(tmp_path, "test", max_cases=2, mass_only=True, **kw)

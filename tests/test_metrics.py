@@ -201,6 +201,55 @@ def test_frechet_distance_from_features_agrees_with_monai_and_handles_singular_c
         frechet_distance_from_features(x[:1], y)
 
 
+def _scipy_path(x, y) -> float:
+    """The D x D matrix-root path (as before the low-rank path): Gaussian fits, then ``frechet_distance``."""
+    return frechet_distance(*gaussian_fit(x), *gaussian_fit(y))
+
+
+def _eigen_reference(x, y) -> float:
+    """An independent tr((S1 S2)^(1/2)): the eigenvalues of the symmetric S1^(1/2) S2 S1^(1/2)."""
+    (mu1, s1), (mu2, s2) = gaussian_fit(x), gaussian_fit(y)
+    w, v = np.linalg.eigh(s1)
+    r1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    lam = np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)
+    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(lam).sum())
+
+
+@pytest.mark.parametrize("n1, n2, d, rank", [(12, 9, 64, None), (30, 25, 60, None), (5, 40, 48, None),
+                                             (10, 8, 40, 3), (20, 20, 64, 1)])
+def test_low_rank_frechet_path_equals_the_matrix_root_path(n1, n2, d, rank):
+    """``N1 + N2 <= D``: the nuclear-norm path gives the matrix-root value. Tolerance: 1e-7 of the terms the distance
+    subtracts (``tr S1 + tr S2 + |mu1 - mu2|^2``) against the eigenvalue reference, 1e-5 against SciPy's ``sqrtm`` of
+    the singular product (its tiny round-off eigenvalues each add ~sqrt(1e-16 |S|) to the trace)."""
+    from custom.metrics import frechet
+
+    rng = np.random.default_rng(n1 * 1000 + d)
+    if rank is None:
+        x, y = rng.standard_normal((n1, d)) ** 2, 0.3 + rng.standard_normal((n2, d))
+    else:  # rank-deficient features: rank-`rank` loadings (plus a constant offset) in D dimensions
+        w = rng.standard_normal((rank, d))
+        x, y = rng.standard_normal((n1, rank)) @ w, 1.0 + 0.5 * rng.standard_normal((n2, rank)) @ w
+    fast = frechet_distance_from_features(x, y)
+    assert fast == frechet._frechet_distance_low_rank(np.asarray(x, float), np.asarray(y, float))  # dispatched
+    (mu1, s1), (mu2, s2) = gaussian_fit(x), gaussian_fit(y)
+    scale = float(np.trace(s1) + np.trace(s2) + (mu1 - mu2) @ (mu1 - mu2))
+    assert fast == pytest.approx(_eigen_reference(x, y), abs=1e-7 * scale)
+    assert fast == pytest.approx(_scipy_path(x, y), abs=1e-5 * scale)
+    assert frechet_distance_from_features(x, x) == pytest.approx(0.0, abs=1e-9 * scale)  # identical sets: 0
+
+
+def test_more_samples_than_features_keep_the_matrix_root_path(monkeypatch):
+    from custom.metrics import frechet
+
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((50, 16)), 0.2 + rng.standard_normal((40, 16))
+    monkeypatch.setattr(frechet, "_frechet_distance_low_rank", lambda *a: pytest.fail("low-rank path used"))
+    assert frechet_distance_from_features(x, y) == _scipy_path(x, y)
+    monkeypatch.undo()
+    # the low-rank formula is exact for any N (here N > D) and agrees with the matrix root
+    assert frechet._frechet_distance_low_rank(x, y) == pytest.approx(_scipy_path(x, y), rel=1e-9)
+
+
 # ------------------------------------------------------------------------------------------------- FD-radiomics67
 def _lesion_set(n=12, seed=0, size=64):
     rng = np.random.default_rng(seed)

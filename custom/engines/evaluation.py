@@ -208,7 +208,9 @@ def evaluation_cases(
     ``diversity_cases`` cases with a lesion (their first sample is the one the controllability metrics use).
 
     ``mass_only`` (the GCDM protocol): only the cases with a lesion
-    (:func:`custom.metrics.protocol.gcdm_test_entries`); the others are listed in ``skipped`` with that reason."""
+    (:func:`custom.metrics.protocol.gcdm_test_entries`), chosen before ``max_cases`` (so ``max_cases`` counts the
+    mass cases evaluated); the images without one (with ``max_cases``: those before the last case evaluated) are
+    listed in ``skipped`` with that reason."""
     n_div = [0]
     extra = max(1, int(diversity_samples)) if int(diversity_cases) > 0 else 1
 
@@ -218,20 +220,29 @@ def evaluation_cases(
             return [int(seed) + j for j in range(extra)]
         return [int(seed)]
 
-    cases = datalist_cases(prepared_dir, split, image_size=image_size, sigma=sigma, max_lesions=max_lesions,
-                           normaliser_file=normaliser_file, seeds=[int(seed)], max_cases=max_cases, keep_real=True,
-                           seeds_for=seeds_for)
-    if as_bool(mass_only):
+    mass = as_bool(mass_only)
+    no_mass: list[str] = []
+    if mass:
         from custom.metrics.protocol import gcdm_test_entries
 
-        keep = {e["name"] for e in gcdm_test_entries({"name": c.name, "num_lesions": c.conditions.num_lesions}
-                                                     for c in cases.cases)}
-        cases.skipped += [{"case": c.name, "reason": "no mass (GCDM protocol: mass test images only)"}
-                          for c in cases.cases if c.name not in keep]
-        cases.cases = [c for c in cases.cases if c.name in keep]
-        if not cases.cases:
-            raise MammoInputError(Path(prepared_dir) / "datalist.json", f"the {split!r} split has no image with a mass "
-                                                                        "(--protocol gcdm evaluates mass images only)")
+        datalist = Path(prepared_dir) / "datalist.json"
+        try:
+            entries = [e for e in json.loads(datalist.read_text()).get(split, []) if isinstance(e, Mapping)]
+        except (OSError, ValueError, AttributeError):
+            entries = []  # datalist_cases below names what is wrong with the file
+        kept = gcdm_test_entries(entries)
+        if entries and not kept:
+            raise MammoInputError(datalist, f"the {split!r} split has no image with a mass (--protocol gcdm evaluates "
+                                            "mass images only)")
+        end = len(entries)  # all of them; with max_cases, those up to the last mass case evaluated
+        if kept and max_cases not in (None, "", 0) and int(max_cases) < len(kept):
+            end = next(i for i, e in enumerate(entries) if e is kept[int(max_cases) - 1]) + 1
+        ids = {id(e) for e in kept}
+        no_mass = [str(e.get("case_id")) for e in entries[:end] if id(e) not in ids]
+    cases = datalist_cases(prepared_dir, split, image_size=image_size, sigma=sigma, max_lesions=max_lesions,
+                           normaliser_file=normaliser_file, seeds=[int(seed)], max_cases=max_cases, keep_real=True,
+                           seeds_for=seeds_for, require_lesion=mass)
+    cases.skipped += [{"case": c, "reason": "no mass (GCDM protocol: mass test images only)"} for c in no_mass]
     return cases
 
 

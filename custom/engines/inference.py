@@ -562,6 +562,7 @@ def datalist_cases(
     max_cases: int | None = None,
     keep_real: bool = False,
     seeds_for: Any = None,
+    require_lesion: bool = False,
 ) -> CaseSet:
     """Every case of a prepared split as an :class:`InferenceCase` (model frame, conditions built exactly like the
     training batches by :func:`custom.data.training.prepared_transforms`).
@@ -574,6 +575,8 @@ def datalist_cases(
         seeds: seeds of every case (``seeds_for(index, item)`` overrides per case when given).
         max_cases: the first N cases of the split.
         keep_real: also keep the real image and the lesion instance map in ``case.extra`` (evaluation).
+        require_lesion: only the images with a lesion (``num_lesions`` > 0), selected before ``max_cases``: then
+            ``max_cases`` counts images with a lesion.
 
     A case whose files cannot be read or whose conditions are invalid is skipped with its reason.
     """
@@ -586,6 +589,7 @@ def datalist_cases(
     if not path.is_dir() and path.name != "datalist.json":
         raise MammoInputError(path, "expected the datalist.json of a prepared folder (the output of `prepare`)")
     items = load_prepared_datalist(prepared, split, normalisation_file=normaliser_file, max_lesions=int(max_lesions),
+                                   require_lesion=bool(require_lesion),
                                    limit=None if max_cases in (None, "", 0) else int(max_cases))
     if not items:
         raise MammoInputError(prepared / "datalist.json", f"the {split!r} split is empty")

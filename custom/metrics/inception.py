@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from custom.checkpoints import state_dict_mismatches
 from custom.errors import MammoInputError
 
 __all__ = ["FID_INCEPTION_FILE", "FIDInceptionV3", "clean_resize", "inception_features", "is_fid_inception_state",
@@ -209,18 +210,16 @@ def load_fid_inception(path: str | os.PathLike, map_location: str | torch.device
         raise MammoInputError(path, "FID Inception weights must be a plain state dict (pytorch-fid's file)")
     net = FIDInceptionV3()
     own = net.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs network {tuple(own[k].shape)}"
-              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
+    diff = state_dict_mismatches(own, state, ignore=("num_batches_tracked",))
+    if diff:
         parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {missing[:6]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {unexpected[:6]}")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatch(es), e.g. {shapes[0]}")
+        if diff.missing:
+            parts.append(f"{len(diff.missing)} missing key(s): {diff.missing[:6]}")
+        if diff.unexpected:
+            parts.append(f"{len(diff.unexpected)} unexpected key(s): {diff.unexpected[:6]}")
+        if diff.shapes:
+            k, theirs, ours = diff.shapes[0]
+            parts.append(f"{len(diff.shapes)} shape mismatch(es), e.g. {k}: file {theirs} vs network {ours}")
         raise MammoInputError(path, "not the FID Inception state dict: " + "; ".join(parts))
     full = {k: state.get(k, own[k]) for k in own}
     net.load_state_dict(full, strict=True)

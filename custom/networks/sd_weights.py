@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from custom.checkpoints import state_dict_mismatches
 from custom.errors import MammoInputError
 
 __all__ = [
@@ -646,10 +647,10 @@ def load_clip_vision_ldm(path: str | os.PathLike, num_attention_heads: int | Non
     except KeyError as err:
         raise SDWeightsError(path, f"CLIP image encoder incomplete: {prefix}{err.args[0]} missing") from err
     target = model.state_dict()
-    missing = sorted(k for k in target if k not in out and not k.endswith("position_ids"))
-    left = sorted(prefix + k for k in src if k not in used)
-    mism = [f"{k}: file {tuple(t.shape)} vs network {tuple(target[k].shape)}" for k, t in out.items()
-            if k in target and t.shape != target[k].shape]
+    diff = state_dict_mismatches(target, out, ignore=("position_ids",))
+    missing = sorted(diff.missing)
+    left = sorted(prefix + k for k in src if k not in used)  # left over = file tensors the conversion did not use
+    mism = [f"{k}: file {theirs} vs network {ours}" for k, theirs, ours in diff.shapes]
     if missing or left or mism:
         _fail(path, "CLIP image encoder", missing, left, mism)
     model.load_state_dict(out, strict=False)

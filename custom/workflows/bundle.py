@@ -296,14 +296,14 @@ class BundleModel:
             raise MammoInputError(info_path, f"cannot verify the relocated {sorted(self.relocated)} without the model's "
                                              f"side file ({err})") from None
         used = getattr(encoder, "checkpoint_digest", None)
+        key = min(self.relocated)  # the first relocated key, in name order
+        moved = self.relocated[key]
         if not recorded or used != recorded:
-            key = sorted(self.relocated)[0]
-            raise MammoInputError(self.relocated[key]["configured"],
+            raise MammoInputError(moved["configured"],
                                   f"--{key}: not the weights this model was trained with (SHA-256 {str(used)[:12]}…, "
                                   f"{info_path.name} records {str(recorded)[:12]}…)")
         logger.info("stage 1 read from %s (trained with %s): same weights (SHA-256 %s…)",
-                    self.relocated[sorted(self.relocated)[0]]["configured"],
-                    self.relocated[sorted(self.relocated)[0]]["trained"], str(used)[:12])
+                    moved["configured"], moved["trained"], str(used)[:12])
 
     @property
     def sampling_scheduler(self) -> Any:
