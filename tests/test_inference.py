@@ -359,3 +359,28 @@ def test_keep_region_and_paste_weights():
     w = paste_weights(region, 2.0).numpy()
     assert (w[~region] == 0).all() and w[10, 10] == 1.0 and 0 < w[region].min() < 1
     assert not keep_region(np.ones((5, 5), dtype=np.uint8), 2).any()
+
+
+# ------------------------------------------------------------------------------------------------ sampler choice
+def test_sampler_pndm_runs_and_is_recorded(models, prepared_dir, case, tmp_path):
+    """``--sampler pndm``: the workflow samples with MONAI's PNDM (another image than the DDIM default for the same
+    seed) and records the sampler (and no eta) with the output."""
+    kw = dict(mask_file=str(case["label"]), feature_file=str(case["features"]), formats=["png"], seed=3)
+    _run(models, prepared_dir, sampler="pndm", output_dir=str(tmp_path / "pndm"), **kw)
+    _run(models, prepared_dir, output_dir=str(tmp_path / "ddim"), **kw)
+    params = json.loads((tmp_path / "pndm" / "synthetic_seed3.json").read_text())["parameters"]
+    assert params["sampler"] == "pndm" and params["ddim_eta"] is None and params["ddim_steps"] == STEPS
+    ddim = json.loads((tmp_path / "ddim" / "synthetic_seed3.json").read_text())["parameters"]
+    assert "sampler" not in ddim and ddim["ddim_eta"] == 1.0  # the DDIM default's record is unchanged
+    assert not np.array_equal(_png(tmp_path / "pndm" / "synthetic_seed3.png"), _png(tmp_path / "ddim" / "synthetic_seed3.png"))
+
+
+@pytest.mark.parametrize("option, extra", [("ddim_eta", {"ddim_eta": 0.0}), ("mode", {"mode": "keep"}),
+                                           ("sampler", {"sampler": "euler"})])
+def test_sampler_options_pndm_cannot_honour_are_rejected_first(models, prepared_dir, case, tmp_path, option, extra):
+    out = tmp_path / "out"
+    kw = {"sampler": "pndm", **extra}
+    msg = _error(lambda: _run(models, prepared_dir, mask_file=str(case["label"]), feature_file=str(case["features"]),
+                              output_dir=str(out), **kw))
+    assert msg.startswith(f"{option}:") or f"--{option}" in msg, msg
+    assert not out.exists()

@@ -788,7 +788,7 @@ class EvaluationReport:
         lines.insert(2, f"Protocol: **{m.get('protocol', 'project')}**; lesion segmenter: {m.get('lesion_segmenter')}.")
         lines.insert(3, "")
         for key in ("protocol", "split", "n_cases", "n_skipped", "n_generated", "conditioning_mode", "sigma", "sigma_trained",
-                    "sigma_matches_training", "image_size", "ddim_steps", "ddim_eta", "guidance_scale", "seed", "diversity_samples",
+                    "sigma_matches_training", "image_size", "sampler", "ddim_steps", "ddim_eta", "guidance_scale", "seed", "diversity_samples",
                     "lesion_roi", "model_file", "model_sha256", "ckpt_dir", "segmenter_file"):
             if key in s:
                 lines.append(f"| {key} | {_fmt(s[key]) if not isinstance(s[key], str) else s[key]} |")

@@ -381,6 +381,29 @@ def check_sampling_options(ddim_steps: Any, guidance_scale: Any, ddim_eta: Any =
     return checked
 
 
+def check_sampler(sampler: Any = "ddim", ddim_eta: Any = None, mode: Any = "generate", *,
+                  default_eta: Any = None) -> str:
+    """The ``sampler`` option (one of :data:`custom.engines.sampling.SAMPLERS`), checked before anything is built.
+
+    With ``pndm`` (deterministic, whole images only): ``ddim_eta`` must be ``None`` or the config's ``default_eta``
+    (PNDM has no eta; the unchanged default is not a request) and ``mode`` must be ``generate`` (the keep / inpaint /
+    remove modes run DDIM). Raises one :class:`MammoInputError` naming the option; returns the sampler name."""
+    from custom.engines.sampling import SAMPLERS
+
+    name = str(sampler).strip().lower() if isinstance(sampler, str) else sampler
+    if name not in SAMPLERS:
+        raise MammoInputError("sampler", f"must be one of {', '.join(SAMPLERS)}, got {str(sampler)[:40]!r}")
+    if name == "pndm":
+        if ddim_eta is not None and (default_eta is None or option_float("ddim_eta", ddim_eta, 0.0, 1.0)
+                                     != float(default_eta)):
+            raise MammoInputError("ddim_eta", f"PNDM has no eta (got {str(ddim_eta)[:40]}): leave ddim_eta unset "
+                                              "with --sampler pndm, or use --sampler ddim")
+        if str(mode).strip().lower() != "generate":
+            raise MammoInputError("mode", f"--sampler pndm generates whole images only (got mode {str(mode)[:40]!r}); "
+                                          "use --sampler ddim for keep/inpaint/remove")
+    return name
+
+
 def keep_dilation_pixels(keep_dilation: Any, image_size: int) -> int:
     """``keep_dilation`` in pixels of the model frame: ``None`` (the default) is ``max(2, image_size // 16)``;
     a given value must lie in 0..``image_size``."""
@@ -720,9 +743,17 @@ class GCDMSamplingInferer(Inferer):
     """
 
     def __init__(self, scheduler: Any, encoder: nn.Module, num_inference_steps: int = 50, guidance_scale: float = 3.0,
-                 sigma: float = 1.5, eta: float = 0.0, feather: float = 2.0, progress: bool = True,
-                 compile: bool = False) -> None:
+                 sigma: float = 1.5, eta: float | None = 0.0, feather: float = 2.0, progress: bool = True,
+                 compile: bool = False, sampler: str = "ddim") -> None:
         super().__init__()
+        self.sampler = check_sampler(sampler)
+        if self.sampler == "pndm":
+            from monai.networks.schedulers import PNDMScheduler
+
+            if eta is not None:
+                raise MammoInputError("ddim_eta", f"PNDM has no eta (got {eta!r}): pass eta=None with sampler='pndm'")
+            if not isinstance(scheduler, PNDMScheduler):
+                raise ValueError(f"GCDMSamplingInferer: sampler 'pndm' needs a PNDMScheduler, got {type(scheduler).__name__}")
         self.compile = as_bool(compile)
         self._compiled: tuple[nn.Module, nn.Module] | None = None
         self.scheduler = scheduler
@@ -731,7 +762,7 @@ class GCDMSamplingInferer(Inferer):
         self.num_inference_steps = option_int("ddim_steps", num_inference_steps, 1, min(MAX_STEPS, t_max))
         self.guidance_scale = option_float("guidance_scale", guidance_scale, 0.0, MAX_GUIDANCE)
         self.sigma = option_float("sigma", sigma, 0.0, 100.0)
-        self.eta = option_float("ddim_eta", eta, 0.0, 1.0)
+        self.eta = None if self.sampler == "pndm" else option_float("ddim_eta", eta, 0.0, 1.0)
         self.feather = option_float("keep_feather", feather, 0.0, 1e4)
         self.progress = as_bool(progress)
         if self.num_inference_steps < 1:
@@ -771,7 +802,7 @@ class GCDMSamplingInferer(Inferer):
         region: torch.Tensor | None = None,
         **extra_cond: Any,
     ) -> torch.Tensor:
-        from custom.engines.sampling import ddim_sample
+        from custom.engines.sampling import ddim_sample, pndm_sample
         from custom.transforms.masks import soft_mask
 
         label = torch.as_tensor(inputs).float()
@@ -807,6 +838,16 @@ class GCDMSamplingInferer(Inferer):
             return torch.zeros_like(label)
         # all rows in one sampler call; each row keeps its own seed's generator, so a row's image does not depend
         # on the other rows of the request
+        if self.sampler == "pndm":
+            if known_latent is not None:
+                raise MammoInputError("sampler", "pndm generates whole images only: keep mode needs --sampler ddim")
+            res = pndm_sample(
+                self._network(network), self.scheduler, mask_latent, features.float(), lesion_masks.float(),
+                lesion_present.float(), num_inference_steps=self.num_inference_steps,
+                guidance_scale=self.guidance_scale, seed=seeds, decoder=self.encoder, progress=self.progress,
+                **extra_cond,
+            )
+            return res.images.float().to(label.device).clamp(0.0, 1.0)
         res = ddim_sample(
             self._network(network), self.scheduler, mask_latent, features.float(), lesion_masks.float(),
             lesion_present.float(), num_inference_steps=self.num_inference_steps,
@@ -933,6 +974,8 @@ def sampling_parameters(inferer: GCDMSamplingInferer, *, model_path: str | None 
         "guidance_scale": inferer.guidance_scale,
         "ddim_eta": inferer.eta,
     }
+    if inferer.sampler != "ddim":  # (DDIM outputs keep their parameters as before)
+        params["sampler"] = inferer.sampler
     if keep_dilation is not None:
         params["keep_dilation_px"] = int(keep_dilation)
         params["keep_feather_px"] = inferer.feather

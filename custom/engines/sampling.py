@@ -29,12 +29,17 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["SampleOutput", "guided_noise", "ddim_sample", "row_generators", "draw_noise"]
+__all__ = ["SAMPLERS", "SampleOutput", "guided_noise", "ddim_sample", "pndm_sample", "row_generators", "draw_noise"]
+
+#: the sampler choices (``sampler`` in ``inference.json`` / ``evaluate.json``): DDIM (:func:`ddim_sample`, the default,
+#: with ``eta`` and the RePaint keep hook) or MONAI's PNDM / PLMS (:func:`pndm_sample`: deterministic, no eta, whole
+#: images only)
+SAMPLERS = ("ddim", "pndm")
 
 
 @dataclass
 class SampleOutput:
-    """Result of :func:`ddim_sample`: ``latents`` ``(B, C, h, w)`` (scaled latent space) and ``images``
+    """Result of :func:`ddim_sample` / :func:`pndm_sample`: ``latents`` ``(B, C, h, w)`` (scaled latent space) and ``images``
     ``(B, 1, H, W)`` in ``[0, 1]`` (``None`` without a decoder)."""
 
     latents: torch.Tensor
@@ -199,6 +204,74 @@ def ddim_sample(
                 x, _ = scheduler.step(eps, int(t), x, eta=eta, generator=None if per_row else step_generator)
         if known_latent is not None:
             x = region * x + (1 - region) * known_latent
+    finally:
+        network.train(was_training)
+    images = decoder.decode(x) if decoder is not None else None
+    return SampleOutput(latents=x, images=images)
+
+
+@torch.no_grad()
+def pndm_sample(
+    network: nn.Module,
+    scheduler: Any,
+    mask_latent: torch.Tensor,
+    features: torch.Tensor,
+    lesion_masks: torch.Tensor,
+    lesion_present: torch.Tensor,
+    num_inference_steps: int = 20,
+    guidance_scale: float = 3.0,
+    seed: int | Sequence[int] | None = 0,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    decoder: Any | None = None,
+    progress: bool = True,
+    **extra_cond: Any,
+) -> SampleOutput:
+    """Sample latents (and images) with MONAI's PNDM scheduler (the sibling of :func:`ddim_sample`)::
+
+        1. x_T ~ N(0, I)                                  as ddim_sample (one generator per row with a seed list)
+        2. ctx = network.context(conditions)               once per run
+        3. for t in scheduler.timesteps:                   the scheduler's own list (PLMS with skip_prk_steps)
+               eps = eps_uncond + s * (eps_cond - eps_uncond)
+               x = scheduler.step(eps, t, x)               linear multistep over the last 4 predictions
+        4. image = decode(x_0)
+
+    PNDM is deterministic: the only noise is the initial ``x_T``, so a row's image depends on its seed alone.
+    There is no ``eta`` and no RePaint "keep" hook (use :func:`ddim_sample` for keep mode).
+
+    Args:
+        scheduler: a ``monai.networks.schedulers.PNDMScheduler`` with the training noise schedule and prediction type
+            (``pndm_scheduler`` in ``common.json``: ``skip_prk_steps=True``, ``set_alpha_to_one=True``). Its
+            ``step`` keeps state, so ``set_timesteps`` (called here) resets it for each run.
+        num_inference_steps: the scheduler's ``set_timesteps`` argument = network evaluations per CFG branch.
+        others: as :func:`ddim_sample`.
+
+    Returns:
+        :class:`SampleOutput`.
+    """
+    from monai.networks.schedulers import PNDMScheduler
+    from tqdm.auto import tqdm
+
+    if not isinstance(scheduler, PNDMScheduler):
+        raise TypeError(f"pndm_sample: a monai PNDMScheduler is needed, got {type(scheduler).__name__}")
+    device = mask_latent.device
+    b, (h, w) = mask_latent.shape[0], mask_latent.shape[2:]
+    if generator is None and seed is not None:
+        generator = row_generators(seed) if isinstance(seed, (list, tuple)) else torch.Generator().manual_seed(int(seed))
+    if isinstance(generator, (list, tuple)) and len(generator) != b:
+        raise ValueError(f"pndm_sample: {len(generator)} seeds/generators for {b} rows")
+    was_training = network.training
+    network.eval()
+    shape = (b, int(getattr(network, "latent_channels", 4)), h, w)
+    x = draw_noise(shape, generator, device) * float(getattr(scheduler, "init_noise_sigma", 1.0))
+    cond = dict(mask_latent=mask_latent, features=features, lesion_masks=lesion_masks, lesion_present=lesion_present,
+                **extra_cond)
+    scheduler.set_timesteps(int(num_inference_steps), device=device)
+    try:
+        context = sampling_context(network, cond, b, guidance_scale, device)
+        for t in tqdm(scheduler.timesteps, desc="PNDM", disable=not progress, leave=False):
+            t_batch = torch.full((b,), int(t), dtype=torch.long, device=device)
+            eps = guided_noise(network, x, t_batch, cond, guidance_scale, context=context).to(x.dtype)
+            x, _ = scheduler.step(eps, int(t), x)
     finally:
         network.train(was_training)
     images = decoder.decode(x) if decoder is not None else None

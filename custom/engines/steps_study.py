@@ -1,14 +1,15 @@
 """Steps-vs-quality and diversity study: the bundle's evaluation (``evaluate.json``) run once per sampler setting.
 
 ``python -m custom.engines.steps_study --prepared_dir P --ckpt_dir M --output_dir O --steps 10 20 25 50
-[--settings "eta=1.0" "guidance_scale=1.0"]`` runs the stock evaluation workflow for every DDIM step count (and
-every extra setting at ``--base_steps``), with the same seeds, and writes:
+[--settings "eta=1.0" "guidance_scale=1.0"] [--pndm_steps 10 20 50]`` runs the stock evaluation workflow for every
+DDIM step count (and every extra setting at ``--base_steps``, and MONAI's PNDM sampler, ``--sampler pndm``, at every
+``--pndm_steps`` count), with the same seeds, and writes:
 
 - ``O/steps_study.json``: per setting, Mass IoU (with the segmenter's ceiling on the real images), FD-radiomics67, MS-SSIM
   among samples of one condition, the MS-SSIM between *different real* test images (the diversity reference), and
   the seconds the evaluation took;
 - ``O/steps_study.md``: the same as a Markdown table;
-- ``O/steps_vs_quality.png``: the three metrics against the number of DDIM steps.
+- ``O/steps_vs_quality.png``: the three metrics against the number of steps (DDIM, and PNDM when run).
 
 Each setting is an ordinary ``evaluate`` run (``O/<setting>/...``), so every number is reproducible with the
 corresponding ``python -m monai.bundle run evaluate`` line. Nothing here trains: point it at a trained model.
@@ -124,11 +125,13 @@ def write_outputs(rows: Sequence[dict[str, Any]], references: dict[str, Any], ou
     siblings = references.get("texture_siblings_ms_ssim")
     (output_dir / "steps_study.json").write_text(json.dumps({"references": references, "rows": list(rows)}, indent=2))
     fmt = lambda v: "n/a" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
-    lines = ["| setting | DDIM steps | eta | guidance | Mass IoU (ceiling) | FD-radiomics67 (floor) | published FRD (floor) "
+    lines = ["| setting | sampler | steps | eta | guidance | Mass IoU (ceiling) | FD-radiomics67 (floor) | published FRD (floor) "
              "| FSD/FID | MS-SSIM same condition | seconds |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['setting']} | {r.get('ddim_steps')} | {r.get('ddim_eta', 'config')} | "
+        pndm = r.get("sampler") == "pndm"
+        lines.append(f"| {r['setting']} | {r.get('sampler', 'ddim')} | {r.get('ddim_steps')} | "
+                     f"{'n/a' if pndm else r.get('ddim_eta', 'config')} | "
                      f"{r.get('guidance_scale', 'config')} | {fmt(r['mass_iou'])} ({fmt(r['ceiling_mass_iou'])}) | "
                      f"{fmt(r['fd_radiomics67'])} ({fmt(r.get('floor_fd_radiomics67'))}) | {fmt(r.get('frd'))} "
                      f"({fmt(r.get('floor_frd'))}) | {fmt(r.get('feature_distance'))} | {fmt(r['ms_ssim'])} | {r['seconds']} |")
@@ -137,14 +140,21 @@ def write_outputs(rows: Sequence[dict[str, Any]], references: dict[str, Any], ou
                  f"{fmt(siblings)}; the same siblings after the stage-1 round trip (the most any sampler can show) "
                  f"{fmt(references.get('stage1_siblings_ms_ssim'))}\n")
     (output_dir / "steps_study.md").write_text("\n".join(lines))
-    curve = sorted((r for r in rows if set(r) >= {"ddim_steps"} and "ddim_eta" not in r and "guidance_scale" not in r),
-                   key=lambda r: r["ddim_steps"])
+    def plain(r: dict[str, Any], sampler: str) -> bool:
+        return ("ddim_steps" in r and "ddim_eta" not in r and "guidance_scale" not in r
+                and r.get("sampler", "ddim") == sampler)
+
+    curves = {name: sorted((r for r in rows if plain(r, name)), key=lambda r: r["ddim_steps"]) for name in ("ddim", "pndm")}
+    curve = curves["ddim"] or curves["pndm"]
     if not curve:
         return
-    steps = [r["ddim_steps"] for r in curve]
+    steps = sorted({r["ddim_steps"] for c in curves.values() for r in c})
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     for ax, key, title in zip(axes, ("mass_iou", "fd_radiomics67", "ms_ssim"), ("Mass IoU", "FD-radiomics67", "MS-SSIM, same condition")):
-        ax.plot(steps, [r[key] if r[key] is not None else np.nan for r in curve], "o-")
+        for name, marker in (("ddim", "o-"), ("pndm", "s--")):
+            if curves[name]:
+                ax.plot([r["ddim_steps"] for r in curves[name]],
+                        [r[key] if r[key] is not None else np.nan for r in curves[name]], marker, label=name.upper())
         if key == "mass_iou" and curve[0]["ceiling_mass_iou"] is not None:
             ax.axhline(curve[0]["ceiling_mass_iou"], ls="--", c="grey", label="segmenter ceiling (real)")
             ax.legend(fontsize=7)
@@ -154,7 +164,8 @@ def write_outputs(rows: Sequence[dict[str, Any]], references: dict[str, Any], ou
         if key == "ms_ssim" and siblings is not None:
             ax.axhline(siblings, ls=":", c="k", label="real, one condition (siblings)")
             ax.legend(fontsize=7)
-        ax.set_xlabel("DDIM steps")
+        ax.legend(fontsize=7)
+        ax.set_xlabel("sampler steps")
         ax.set_title(title, fontsize=9)
         ax.set_xticks(steps)
     fig.suptitle("Steps vs quality — phantom data (not the paper's numbers)", fontsize=9)
@@ -171,13 +182,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, nargs="*", default=[10, 20, 25, 50])
     ap.add_argument("--settings", nargs="*", default=[], help='extra settings at --base_steps, e.g. "eta=1.0"')
     ap.add_argument("--base_steps", type=int, default=20)
+    ap.add_argument("--pndm_steps", type=int, nargs="*", default=[],
+                    help="also run MONAI's PNDM sampler (--sampler pndm, default guidance) at these step counts")
     ap.add_argument("--diversity_cases", type=int, default=3)
     ap.add_argument("--diversity_samples", type=int, default=4)
     ap.add_argument("--no_siblings", action="store_true", help="skip the phantom texture-sibling reference")
     args = ap.parse_args(argv)
-    for s in args.steps:
-        if s < 1:
-            ap.error(f"--steps: every value must be >= 1, got {s}")
+    for flag, values in (("--steps", args.steps), ("--pndm_steps", args.pndm_steps)):
+        for s in values:
+            if s < 1:
+                ap.error(f"{flag}: every value must be >= 1, got {s}")
     extra = [(s, parse_setting(s)) for s in args.settings]  # all checked before any evaluation runs
     for ckpt in ("autoencoder.pt", "model.pt", "segmenter.pt"):
         if not (Path(args.ckpt_dir) / ckpt).is_file():
@@ -193,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for text, ov in extra:
         name = "steps{}_{}".format(ov.get("ddim_steps", args.base_steps), text.replace("=", "").replace(",", "_"))
         rows.append(run_setting(name, {"ddim_steps": args.base_steps, **ov, **common}, args))
+    rows += [run_setting(f"pndm{s}", {"sampler": "pndm", "ddim_steps": s, **common}, args) for s in args.pndm_steps]
     references = diversity_references(args.prepared_dir, image_size, siblings=not args.no_siblings,
                                       n_cases=args.diversity_cases, n_siblings=args.diversity_samples,
                                       roundtrip=stage1_roundtrip(args.ckpt_dir))

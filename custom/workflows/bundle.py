@@ -310,5 +310,14 @@ class BundleModel:
         """A new ``DDIMScheduler`` with the recorded noise schedule."""
         return self.parser.get_parsed_content("sampling_scheduler", instantiate=True, lazy=False)
 
+    def scheduler_for(self, sampler: str = "ddim") -> Any:
+        """A new scheduler for ``sampler`` with the recorded noise schedule: ``ddim`` -> ``sampling_scheduler``
+        (``DDIMScheduler``), ``pndm`` -> ``pndm_scheduler`` (``PNDMScheduler``)."""
+        keys = {"ddim": "sampling_scheduler", "pndm": "pndm_scheduler"}
+        key = keys.get(str(sampler).strip().lower())
+        if key is None:
+            raise MammoInputError("sampler", f"must be one of {', '.join(keys)}, got {str(sampler)[:40]!r}")
+        return self.parser.get_parsed_content(key, instantiate=True, lazy=False)
+
     def __getitem__(self, key: str) -> Any:
         return self.config[key]
