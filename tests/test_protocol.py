@@ -134,6 +134,9 @@ def test_protocol_settings_defaults_deviations_and_bad_values():
     d = protocol_settings("gcdm", ddim_steps=10)
     assert d["ddim_steps"] == 10 and d["protocol_deviations"] == {"ddim_steps": {"reference": 50, "used": 10}}
     assert protocol_settings("project", ddim_steps=7)["protocol_deviations"] == {}
+    assert protocol_settings("gcdm", sampler="pndm")["protocol_deviations"] == {"sampler": {"reference": "ddim", "used": "pndm"}}
+    assert protocol_settings("gcdm", sampler="ddim")["protocol_deviations"] == {}
+    assert protocol_settings("project", sampler="pndm")["protocol_deviations"] == {}  # the project protocol has none
     with pytest.raises(MammoInputError, match="--protocol"):
         protocol_settings("paper")
     with pytest.raises(MammoInputError, match="--sam_path"):

@@ -141,13 +141,13 @@ def run_label(conditioning_mode: str, sigma: float, label: str | None = None, ck
 
 
 def protocol_settings(protocol: str, ddim_steps: Any = None, ddim_eta: Any = None, guidance_scale: Any = None,
-                      diversity_cases: Any = None, sam_path: Any = None) -> dict[str, Any]:
+                      diversity_cases: Any = None, sam_path: Any = None, sampler: Any = "ddim") -> dict[str, Any]:
     """The sampling settings of an evaluation protocol, checked before anything is built.
 
     ``None`` takes the protocol's value (``project``: :data:`PROJECT_SAMPLING`; ``gcdm``:
     :data:`custom.metrics.protocol.GCDM_SAMPLING` and no extra diversity samples). A value given explicitly is
     honoured; under ``gcdm`` one that differs from the reference's is listed in ``protocol_deviations`` (metrics.json
-    and the report) with a warning.
+    and the report) with a warning; so is a ``sampler`` other than the reference's DDIM.
 
     Returns:
         ``{"protocol", "ddim_steps", "ddim_eta", "guidance_scale", "diversity_cases", "protocol_deviations"}``.
@@ -185,6 +185,8 @@ def protocol_settings(protocol: str, ddim_steps: Any = None, ddim_eta: Any = Non
                                               f"{type(ref[key]).__name__}, got {value!r}")
         if name == "gcdm" and not math.isclose(float(out[key]), float(ref[key])):
             deviations[key] = {"reference": ref[key], "used": out[key]}
+    if name == "gcdm" and str(sampler).strip().lower() != "ddim":
+        deviations["sampler"] = {"reference": "ddim", "used": str(sampler).strip().lower()}
     if deviations:
         logger.warning("--protocol gcdm with deviations from the reference: %s", deviations)
     out["protocol_deviations"] = deviations
