@@ -111,3 +111,21 @@ def test_diversity_figure_rows_from_an_evaluation_folder(prepared_dir, tmp_path)
     (empty / "generated").mkdir(parents=True)
     with pytest.raises(ValueError, match="no condition with two or more seeds"):
         diversity_figure(empty, prepared_dir, tmp_path / "grid2.png")
+
+
+def test_lesion_free_sibling_reproduces_the_truth_and_varies_the_texture(phantom_dir, tmp_path):
+    import pydicom
+
+    from custom.metrics.diversity_reference import write_lesion_free_sibling
+
+    truth = sorted((phantom_dir / "lesion_free").glob("*/*.dicom"))[0]
+    source = phantom_dir / "images" / truth.parent.name / truth.name
+    own = pydicom.dcmread(write_lesion_free_sibling(source, None, tmp_path / "own.dicom")).pixel_array
+    expected = pydicom.dcmread(truth).pixel_array
+    np.testing.assert_array_equal(own, expected)  # texture_seed None: the phantom's own truth, pixel for pixel
+    a = pydicom.dcmread(write_lesion_free_sibling(source, 1, tmp_path / "a.dicom")).pixel_array
+    b = pydicom.dcmread(write_lesion_free_sibling(source, 1, tmp_path / "b.dicom")).pixel_array
+    np.testing.assert_array_equal(a, b)  # reproducible
+    assert a.shape == expected.shape and (a != expected).mean() > 0.05  # another parenchyma, same frame
+    with pytest.raises(ValueError, match="not a phantom image"):
+        write_lesion_free_sibling(tmp_path / "x" / "y" / "z.dicom", 1, tmp_path / "never.dicom")

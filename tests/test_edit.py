@@ -215,8 +215,8 @@ def test_inpaint_mode_with_prompt_keeps_outside_pixels(models, prepared_dir, cas
     assert (img[region] != expected[region]).any()
 
 
-@pytest.mark.parametrize("mechanism", ["keep", "inpaint"])
-def test_remove_mode_keeps_outside_pixels_and_drops_the_lesion(models, prepared_dir, case, tmp_path, mechanism):
+@pytest.mark.parametrize("mechanism,resample", [("keep", 1), ("inpaint", 1), ("keep", 3), ("inpaint", 2)])
+def test_remove_mode_keeps_outside_pixels_and_drops_the_lesion(models, prepared_dir, case, tmp_path, mechanism, resample):
     from custom.data.prepare import load_display_image
     from custom.metrics.fidelity import removal_error
     from custom.transforms.geometry import MammoGeometry
@@ -225,9 +225,10 @@ def test_remove_mode_keeps_outside_pixels_and_drops_the_lesion(models, prepared_
     extra = {"attribute_names": ATTRS} if mechanism == "inpaint" else {}
     out = tmp_path / mechanism
     _run(configs, models, prepared_dir, mode="remove", image_file=case["dicom"], lesion_mask_file=case["lesion_png"],
-         case_id="rm", seed=1, output_dir=str(out), **extra)
+         case_id="rm", seed=1, output_dir=str(out), keep_resample=resample, **extra)
     side = json.loads((out / "rm_seed1.json").read_text())
     assert side["parameters"]["mode"] == "remove" and side["parameters"]["edit"]["mechanism"] == mechanism
+    assert side["parameters"]["keep_resample"] == resample  # RePaint resampling recorded (1 = plain DDIM)
     assert side["conditions"]["num_lesions"] == 0  # generated with the no-lesion condition
     img = _png(out / "rm_seed1.png")
     expected = _expected_outside(side, case["dicom"])
@@ -263,6 +264,14 @@ def test_bad_edit_inputs_write_nothing(models, prepared_dir, case, tmp_path):
     msg = _error(lambda: _run(INPAINT, models, prepared_dir, image_file=case["dicom"], lesion_box=case["box"],
                               feature_file=case["features"], attribute_names=ATTRS[:1], output_dir=str(out)))
     assert "attribute_names" in msg and "trained with" in msg
+    # RePaint resampling: a positive integer, and only where a source image is kept
+    for bad in (0, "two", 2.5):
+        msg = _error(lambda: _run(INFERENCE, models, prepared_dir, mode="remove", image_file=case["dicom"],
+                                  lesion_mask_file=case["lesion_png"], keep_resample=bad, output_dir=str(out)))
+        assert msg.startswith("keep_resample:") and "integer" in msg
+    msg = _error(lambda: _run(INFERENCE, models, prepared_dir, mask_file=case["lesion_png"], keep_resample=2,
+                              output_dir=str(out)))
+    assert msg.startswith("keep_resample:") and "'generate'" in msg
     assert not out.exists()
 
 

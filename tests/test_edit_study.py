@@ -57,7 +57,7 @@ def test_edit_study_end_to_end(study_models, prepared_dir, phantom_dir, tmp_path
     out = tmp_path / "study"
     rc = main(["--prepared_dir", str(prepared_dir), "--phantom_dir", str(phantom_dir), "--ckpt_dir", str(study_models),
                "--output", str(out), "--max_cases", "2", "--ddim_steps", "2", "--samples_per_attribute", "1",
-               "--classifier_epochs", "1", "--extra_config", str(INFERENCE_TINY_CONFIG)])
+               "--classifier_epochs", "1", "--extra_config", str(INFERENCE_TINY_CONFIG), "--remove_resample", "2"])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert res["note"].startswith("phantom data") and res["settings"]["n_cases"] == 2
@@ -74,6 +74,15 @@ def test_edit_study_end_to_end(study_models, prepared_dir, phantom_dir, tmp_path
         assert r["n"] == 2 and r["mechanism"] == [mech]
         assert r["contrast"] > 0 and r["ratio"] == pytest.approx(np.mean([c["ratio"] for c in r["per_case"]]))
         assert 0 <= r["found_after"] <= 2
+        assert r["resample"] == 2 and np.isfinite(r["seam_excess"])
+        side = json.loads((out / "samples" / f"remove_{mech}" / "r0_seed0.json").read_text())
+        assert side["parameters"]["keep_resample"] == 2  # the study's option reached the inference run
+    refs = res["removal_reference"]
+    assert set(refs) == {"ring_fill", "sibling"}
+    for name, r in refs.items():
+        assert r["n"] == 2 and r["contrast"] == pytest.approx(res["removal"]["keep"]["contrast"])  # same boxes
+        assert r["ratio"] == pytest.approx(np.mean([c["ratio"] for c in r["per_case"]])) and r["error"] > 0
+    assert "reference: ring-mean fill" in (out / "results.md").read_text()
     af = res["attribute_fidelity"]
     assert af["attributes"] == ["view", "density"] and af["n_generated"] == 8  # 2 views x 4 densities x 1 seed
     assert set(af["accuracy"]["generated"]) == {"view", "density"} and af["accuracy"]["real"]["view"]["n"] > 0
@@ -107,6 +116,7 @@ def test_edit_study_bad_input_is_one_line_and_writes_nothing(study_models, prepa
         (["--ckpt_dir", str(study_models), "--max_cases", "1"], "max_cases: the Fréchet distance needs at least 2"),
         (["--ckpt_dir", str(study_models), "--classifier", str(tmp_path / "none.pt")], "none.pt: attribute classifier not found"),
         (["--ckpt_dir", str(study_models), "--segmenter", str(tmp_path / "seg.pt")], "seg.pt: lesion segmenter not found"),
+        (["--ckpt_dir", str(study_models), "--remove_resample", "0"], "remove_resample: must be an integer 1..100"),
     ]
     for extra, words in cases:
         assert main(base + extra) == 1

@@ -79,3 +79,30 @@ def test_lesion_radiomics_fidelity_pairs_lesions_and_identical_images_correlate_
     assert out["generated"]["n_undefined"] < 67
     few = lesion_radiomics_fidelity(real[:2], real[:2], real[:2], inst[:2])
     assert few["generated"]["mean"] is None and few["n_pairs"] == 2
+
+
+def test_ring_fill_hand_made():
+    from custom.metrics.fidelity import removal_error, ring_fill
+
+    img = np.zeros((7, 7))
+    img[2:5, 2:5] = [[1, 2, 3], [4, 100, 6], [7, 8, 9]]  # the 8 ring pixels around the centre: mean 5
+    region = np.zeros((7, 7), bool)
+    region[3, 3] = True
+    out = ring_fill(img, region, width=1)
+    assert out[3, 3] == 5.0 and np.array_equal(out[~region], img[~region])
+    assert img[3, 3] == 100  # the input is not modified
+    # width 2 adds the 16 zeros of the next ring: 40 / 24
+    assert ring_fill(img, region, width=2)[3, 3] == pytest.approx(40 / 24)
+    # restricted to a mask (e.g. the breast): only the top row of the ring counts, (1 + 2 + 3) / 3
+    within = np.zeros((7, 7), bool)
+    within[2, :] = True
+    assert ring_fill(img, region, width=1, within=within)[3, 3] == pytest.approx(2.0)
+    # as a removal reference: truth 5 everywhere in the region -> the ring fill's error is 0, the original's contrast 95
+    truth = img.copy()
+    truth[3, 3] = 5.0
+    r = removal_error(out, truth, img, region)
+    assert r == {"error": 0.0, "contrast": 95.0, "ratio": 0.0}
+    for bad in (dict(region=np.zeros((7, 7), bool)), dict(region=region, width=0), dict(region=np.ones((3, 3), bool)),
+                dict(region=region, within=np.zeros((7, 7), bool))):
+        with pytest.raises(ValueError, match="ring_fill"):
+            ring_fill(img, **bad)

@@ -326,8 +326,9 @@ class EditSamplingInferer(GCDMSamplingInferer):
 
     * a network with attribute tokens and no ``attributes`` gets all attributes "not given" (null tokens);
     * a network with the inpainting channels generating a whole image gets region = everything, blank image;
-    * ``inpaint``, and ``remove`` with an inpainting network: the channels of :func:`inpaint_concat`, plain DDIM,
-      then paste-back; ``keep``, and ``remove`` without: the parent's RePaint path.
+    * ``inpaint``, and ``remove`` with an inpainting network: the channels of :func:`inpaint_concat`, plain DDIM
+      (with ``keep_resample`` > 1: each step redone that many times, re-noised in between), then paste-back;
+      ``keep``, and ``remove`` without: the parent's RePaint path.
     """
 
     @torch.no_grad()
@@ -365,7 +366,7 @@ class EditSamplingInferer(GCDMSamplingInferer):
         known = known_image.float().to(label.device)
         reg = region.float().to(label.device)
         kwargs["extra_concat"] = inpaint_concat(self.encoder, known, reg)
-        img = super().__call__(label, network, *args, **kwargs)
+        img = super().__call__(label, network, *args, resample=self.resample, **kwargs)
         w = torch.stack([paste_weights(reg[i, 0], self.feather) for i in range(r)])[:, None].to(label.device)
         return torch.where(w > 0, w * img + (1.0 - w) * known, known)
 

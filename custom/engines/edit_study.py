@@ -27,7 +27,14 @@ Steps (each through the bundle's own ``inference`` workflow, ``python -m monai.b
 3. Removal: ``--mode remove`` with the box, by the keep mechanism (default model) and the inpainting mechanism.
    *Error* to the phantom's lesion-free truth in the lesion box against the lesion's own *contrast* (what the
    lesion added to the truth), :func:`custom.metrics.fidelity.removal_error`; the segmenter's lesion pixels in the
-   box before and after, and how many boxes it still "finds" a lesion in (>= 25 % of the box predicted lesion).
+   box before and after, and how many boxes it still "finds" a lesion in (>= 25 % of the box predicted lesion); the
+   seam excess of the removed region against the truth's jump over the same boundary. ``--remove_resample U``
+   runs removal with RePaint resampling (inference's ``keep_resample``). Two references for the error, since a
+   generative fill can only give *a* plausible tissue, not the hidden one: the *ring-mean fill* (the region set
+   to the mean of the source's 3-pixel ring around it, :func:`custom.metrics.fidelity.ring_fill`) and the
+   *lesion-free texture sibling* (the phantom's lesion-free truth with an independent parenchymal texture, written
+   as DICOM and read the same way, pasted into the region; texture seeds ``SIBLING_SEEDS``, averaged:
+   :func:`custom.metrics.diversity_reference.write_lesion_free_sibling`).
 4. Attribute fidelity (the GBCI reconstruction loop): whole mammograms from attributes alone (mask-free), every
    ``view`` x ``density`` combination, ``--samples_per_attribute`` seeds each; the attribute classifier
    (:mod:`custom.metrics.attribute_classifier`, trained on the prepared training split when ``--classifier`` is not
@@ -72,7 +79,9 @@ from custom.metrics.attribute_classifier import (
     save_classifier,
     train_attribute_classifier,
 )
-from custom.metrics.fidelity import removal_error, seam_score
+from custom.errors import option_int
+from custom.metrics.diversity_reference import write_lesion_free_sibling
+from custom.metrics.fidelity import removal_error, ring_fill, seam_score
 from custom.metrics.radiomics_distance import DEFAULT_PARAMS_FILE, frechet_radiomics_distance
 from custom.metrics.segmenter import load_segmenter, predict_lesion
 from custom.transforms.geometry import MammoGeometry
@@ -87,6 +96,10 @@ CONFIGS = REPO / "bundle" / "configs"
 HEALTHY_PROMPT = "a mammogram in MLO view with high density"
 #: a removed box where the segmenter still predicts at least this fraction of lesion pixels "finds" a lesion
 FOUND_FRACTION = 0.25
+#: texture seeds of the lesion-free siblings (the "plausible tissue" reference of removal)
+SIBLING_SEEDS = (1000, 1001)
+#: ring width (pixels, model frame) of the ring-mean fill reference
+RING_WIDTH = 3
 PHANTOM_NOTE = "phantom data, not comparable to published figures"
 
 
@@ -220,9 +233,11 @@ def _nan_mean(values: Sequence[float]) -> float | None:
 def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: str, max_cases: int = 8,
                    ddim_steps: int = 20, samples_per_attribute: int = 2, seed: int = 0,
                    segmenter: str | None = None, classifier: str | None = None, classifier_epochs: int = 30,
-                   extra_configs: Sequence[str] = (), params_file: str | None = None) -> dict[str, Any]:
+                   extra_configs: Sequence[str] = (), params_file: str | None = None,
+                   remove_resample: int = 1) -> dict[str, Any]:
     """Run the study (see the module docstring) and write its files; returns the results dict."""
     start = time.time()
+    remove_resample = option_int("remove_resample", remove_resample, 1, 100)
     prepared, ckpt, out = Path(prepared_dir), Path(ckpt_dir), Path(output)
     seg_path = Path(segmenter) if segmenter else ckpt / "segmenter.pt"
     if classifier is not None and not Path(classifier).is_file():
@@ -301,13 +316,15 @@ def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: s
 
     # 3. removal ------------------------------------------------------------------------------------------------
     removal: dict[str, Any] = {}
+    refs: dict[str, list[dict[str, float]]] = {"ring_fill": [], "sibling": []}
     for mech, configs in (("keep", default_cfg), ("inpaint", inpaint_cfg)):
         rows = []
         for i, case in enumerate(cases):
             side = _infer(configs, ckpt, samples / f"remove_{mech}", ddim_steps, mode="remove", image_file=case["dicom"],
-                          lesion_box=case["box"], case_id=f"r{i}", seed=seed)
+                          lesion_box=case["box"], case_id=f"r{i}", seed=seed, keep_resample=remove_resample)
             rec = _rebuild("remove", side, case, None, normaliser, [])
             box = np.asarray(rec.extra["removed_lesion_model"], dtype=bool)
+            region = np.asarray(rec.region, dtype=bool)
             known = _model_frame(side, case["dicom"])
             truth = _model_frame(side, case["truth"])
             gen = _png(side["png"])
@@ -315,7 +332,20 @@ def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: s
             pred = predict_lesion(seg, torch.from_numpy(np.stack([known, gen])[:, None]).float()).numpy()
             before, after = float(pred[0][box].mean()), float(pred[1][box].mean())
             rows.append({**err, "lesion_fraction_before": before, "lesion_fraction_after": after,
+                         "seam_excess": seam_score(gen, region, truth)["seam_excess"],
                          "mechanism": side["parameters"]["edit"]["mechanism"]})
+            if mech == "keep":  # the references (mechanism-independent): once per case
+                breast = np.asarray(rec.conditions.label) > 0
+                flat = ring_fill(known, region, RING_WIDTH, breast)
+                refs["ring_fill"].append({**removal_error(flat, truth, known, box),
+                                          "seam_excess": seam_score(flat, region, truth)["seam_excess"]})
+                sib_rows = []
+                for k in SIBLING_SEEDS:
+                    path = write_lesion_free_sibling(case["dicom"], k, samples / "siblings" / f"r{i}_texture{k}.dicom")
+                    paste = np.where(region, _model_frame(side, str(path)), known)
+                    sib_rows.append({**removal_error(paste, truth, known, box),
+                                     "seam_excess": seam_score(paste, region, truth)["seam_excess"]})
+                refs["sibling"].append({m: float(np.mean([r[m] for r in sib_rows])) for m in sib_rows[0]})
             if i == 0 and mech == "inpaint":
                 fig["remove"] = (known, gen, truth)
         removal[mech] = {
@@ -325,6 +355,7 @@ def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: s
             "lesion_fraction_after": _nan_mean([r["lesion_fraction_after"] for r in rows]),
             "found_before": sum(r["lesion_fraction_before"] >= FOUND_FRACTION for r in rows),
             "found_after": sum(r["lesion_fraction_after"] >= FOUND_FRACTION for r in rows),
+            "seam_excess": _nan_mean([r["seam_excess"] for r in rows]), "resample": remove_resample,
             "n": len(rows), "mechanism": sorted({r["mechanism"] for r in rows}), "per_case": rows,
         }
 
@@ -383,9 +414,16 @@ def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: s
         "settings": {"prepared_dir": str(prepared), "phantom_dir": str(phantom_dir), "ckpt_dir": str(ckpt),
                      "max_cases": int(max_cases), "n_cases": len(cases), "ddim_steps": int(ddim_steps), "seed": int(seed),
                      "samples_per_attribute": int(samples_per_attribute), "attribute_names": names,
+                     "remove_resample": remove_resample, "sibling_texture_seeds": list(SIBLING_SEEDS),
+                     "ring_width": RING_WIDTH,
                      "segmenter": str(seg_path), "found_fraction": FOUND_FRACTION, "healthy_prompt": HEALTHY_PROMPT},
         "keep_vs_inpaint": keep_inpaint,
         "removal": removal,
+        "removal_reference": {name: {"error": _nan_mean([r["error"] for r in rows]),
+                                     "contrast": _nan_mean([r["contrast"] for r in rows]),
+                                     "ratio": _nan_mean([r["ratio"] for r in rows]),
+                                     "seam_excess": _nan_mean([r["seam_excess"] for r in rows]), "n": len(rows),
+                                     "per_case": rows} for name, rows in refs.items()},
         "attribute_fidelity": attribute,
         "figures": figures,
         "seconds": round(time.time() - start, 1),
@@ -459,12 +497,18 @@ def format_tables(results: Mapping[str, Any]) -> str:
         lines.append(f"| {mode} | {_f(r['fd_radiomics67'], 2)} (n={r['n_lesions']}) | {_f(r['mass_iou'], 3)} | "
                      f"{_f(r['seam_jump'])} | {_f(r['real_jump'])} | {_f(r['seam_excess'])} |")
     lines.append(f"| real images (ceiling) | 0 | {_f(ki['real']['mass_iou'], 3)} | | | 0 |")
-    lines += ["", "| removal | error to lesion-free truth ↓ | lesion contrast | error / contrast ↓ | segmenter lesion "
-              "fraction before → after | boxes with a lesion found before → after |", "|---|---|---|---|---|---|"]
+    lines += ["", "| removal | error to lesion-free truth ↓ | lesion contrast | error / contrast ↓ | seam excess (vs truth) "
+              "| segmenter lesion fraction before → after | boxes with a lesion found before → after |",
+              "|---|---|---|---|---|---|---|"]
     for mech, r in results["removal"].items():
-        lines.append(f"| {mech} | {_f(r['error'])} | {_f(r['contrast'])} | {_f(r['ratio'], 3)} | "
+        lines.append(f"| {mech} (resample {r.get('resample', 1)}) | {_f(r['error'])} | {_f(r['contrast'])} | "
+                     f"{_f(r['ratio'], 3)} | {_f(r.get('seam_excess'))} | "
                      f"{_f(r['lesion_fraction_before'], 3)} → {_f(r['lesion_fraction_after'], 3)} | "
                      f"{r['found_before']}/{r['n']} → {r['found_after']}/{r['n']} |")
+    names = {"ring_fill": "reference: ring-mean fill", "sibling": "reference: lesion-free texture sibling"}
+    for key, r in (results.get("removal_reference") or {}).items():
+        lines.append(f"| {names.get(key, key)} | {_f(r['error'])} | {_f(r['contrast'])} | {_f(r['ratio'], 3)} | "
+                     f"{_f(r['seam_excess'])} | | |")
     af = results["attribute_fidelity"]
     lines.append("")
     if "accuracy" in af:
@@ -493,12 +537,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--segmenter", default=None, help="default: <ckpt_dir>/segmenter.pt")
     ap.add_argument("--classifier", default=None, help="attribute classifier; default: train one on the training split")
     ap.add_argument("--classifier_epochs", type=int, default=30)
+    ap.add_argument("--remove_resample", default=1,
+                    help="RePaint resampling of the removal runs (inference's keep_resample; 1 = plain DDIM)")
     ap.add_argument("--extra_config", default="", help="comma-separated configs merged after inference.json")
     args = ap.parse_args(argv)
     try:
         res = run_edit_study(args.prepared_dir, args.phantom_dir, args.ckpt_dir, args.output, args.max_cases,
                              args.ddim_steps, args.samples_per_attribute, args.seed, args.segmenter, args.classifier,
-                             args.classifier_epochs, [c for c in args.extra_config.split(",") if c])
+                             args.classifier_epochs, [c for c in args.extra_config.split(",") if c],
+                             remove_resample=args.remove_resample)
     except MammoInputError as err:
         sys.stderr.write(f"ERROR: {' '.join(str(err).split())}\n")
         return 1

@@ -348,16 +348,21 @@ MAX_SAMPLES = 10_000
 MAX_SEED = 2**63 - 1
 MAX_STEPS = 10_000
 MAX_GUIDANCE = 100.0
+#: most RePaint resampling passes per step (``keep_resample``)
+MAX_RESAMPLE = 100
 
 
 def check_sampling_options(ddim_steps: Any, guidance_scale: Any, ddim_eta: Any = 0.0, sigma: Any = 1.5,
                            keep_feather: Any = 2.0, num_train_timesteps: Any = None, *, num_samples: Any = None,
-                           seed: Any = None, keep_dilation: Any = None, case_id: Any = None) -> dict[str, Any]:
+                           seed: Any = None, keep_dilation: Any = None, case_id: Any = None,
+                           keep_resample: Any = None, mode: Any = None) -> dict[str, Any]:
     """The sampling options, checked before anything is built or loaded (the first step of the ``inference`` run,
     then again with the model's ``sigma`` and ``num_train_timesteps`` once it is loaded): ``ddim_steps`` an integer
     1..``num_train_timesteps``, ``guidance_scale`` a finite number 0..100, ``ddim_eta`` 0..1, ``sigma`` 0..100,
     ``keep_feather`` 0..10000, and when given ``num_samples`` / ``seed`` (as :func:`_seeds`), ``keep_dilation`` an
-    integer >= 0 (its upper bound, the image size, is checked with the model) and ``case_id`` (an output name).
+    integer >= 0 (its upper bound, the image size, is checked with the model), ``case_id`` (an output name) and
+    ``keep_resample`` an integer 1..``MAX_RESAMPLE`` (above 1 only for an edit of a source image: ``mode`` keep,
+    inpaint or remove).
     ``None`` skips a check. Raises one :class:`MammoInputError` naming the option."""
     t_max = MAX_STEPS
     if num_train_timesteps not in (None, ""):
@@ -374,6 +379,11 @@ def check_sampling_options(ddim_steps: Any, guidance_scale: Any, ddim_eta: Any =
         checked["seeds"] = _seeds(0 if seed is None else seed, 1 if num_samples is None else num_samples)
     if keep_dilation is not None:
         checked["keep_dilation"] = option_int("keep_dilation", keep_dilation, 0, 10**6)
+    if keep_resample is not None:
+        checked["keep_resample"] = option_int("keep_resample", keep_resample, 1, MAX_RESAMPLE)
+        if checked["keep_resample"] > 1 and mode is not None and str(mode).lower() not in ("keep", "inpaint", "remove"):
+            raise MammoInputError("keep_resample", f"resampling harmonises an edited region with the kept image; mode "
+                                                   f"{str(mode)[:20]!r} has none (use 1, or mode keep/inpaint/remove)")
     if case_id is not None:
         from custom.data.export import check_output_name  # (inner import as at its other use in this module)
 
@@ -744,7 +754,7 @@ class GCDMSamplingInferer(Inferer):
 
     def __init__(self, scheduler: Any, encoder: nn.Module, num_inference_steps: int = 50, guidance_scale: float = 3.0,
                  sigma: float = 1.5, eta: float | None = 0.0, feather: float = 2.0, progress: bool = True,
-                 compile: bool = False, sampler: str = "ddim") -> None:
+                 compile: bool = False, sampler: str = "ddim", resample: int = 1) -> None:
         super().__init__()
         self.sampler = check_sampler(sampler)
         if self.sampler == "pndm":
@@ -764,6 +774,7 @@ class GCDMSamplingInferer(Inferer):
         self.sigma = option_float("sigma", sigma, 0.0, 100.0)
         self.eta = None if self.sampler == "pndm" else option_float("ddim_eta", eta, 0.0, 1.0)
         self.feather = option_float("keep_feather", feather, 0.0, 1e4)
+        self.resample = option_int("keep_resample", resample, 1, MAX_RESAMPLE)
         self.progress = as_bool(progress)
         if self.num_inference_steps < 1:
             raise MammoInputError("ddim_steps", f"must be at least 1, got {num_inference_steps!r}")
@@ -800,6 +811,7 @@ class GCDMSamplingInferer(Inferer):
         seeds: Sequence[int] | None = None,
         known_image: torch.Tensor | None = None,
         region: torch.Tensor | None = None,
+        resample: int | None = None,
         **extra_cond: Any,
     ) -> torch.Tensor:
         from custom.engines.sampling import ddim_sample, pndm_sample
@@ -834,6 +846,10 @@ class GCDMSamplingInferer(Inferer):
             known_latent = self.encoder.encode(known_image.to(enc_device)).to(label.device)
             region_latent = (torch.nn.functional.adaptive_max_pool2d(region.float(), known_latent.shape[-2:]) > 0).float()
             weights = torch.stack([paste_weights(region[i, 0], self.feather) for i in range(r)])[:, None].to(label.device)
+        if resample is None:  # RePaint's resampling: only where a known image is kept
+            resample = self.resample if known_image is not None else 1
+            if self.resample > 1 and known_image is None:
+                raise MammoInputError("keep_resample", "resampling needs a source image to keep (mode keep/inpaint/remove)")
         if r == 0:
             return torch.zeros_like(label)
         # all rows in one sampler call; each row keeps its own seed's generator, so a row's image does not depend
@@ -852,7 +868,8 @@ class GCDMSamplingInferer(Inferer):
             self._network(network), self.scheduler, mask_latent, features.float(), lesion_masks.float(),
             lesion_present.float(), num_inference_steps=self.num_inference_steps,
             guidance_scale=self.guidance_scale, seed=seeds, eta=self.eta, decoder=self.encoder,
-            known_latent=known_latent, region=region_latent, progress=self.progress, **extra_cond,
+            known_latent=known_latent, region=region_latent, progress=self.progress, resample=int(resample),
+            **extra_cond,
         )
         img = res.images.float().to(label.device).clamp(0.0, 1.0)
         if weights is not None:
@@ -979,6 +996,7 @@ def sampling_parameters(inferer: GCDMSamplingInferer, *, model_path: str | None 
     if keep_dilation is not None:
         params["keep_dilation_px"] = int(keep_dilation)
         params["keep_feather_px"] = inferer.feather
+        params["keep_resample"] = int(getattr(inferer, "resample", 1))
     params.update(dict(extra or {}))
     return params
 

@@ -8,6 +8,7 @@ The loop (diffusers style, :func:`ddim_sample`)::
            [known region] x_t = r * x_t + (1 - r) * add_noise(z_known, noise, t)     (RePaint "keep the rest")
            eps = eps_uncond + s * (eps_cond - eps_uncond)  uncond: features AND mask dropped; one 2B forward
            x_{t-1} = ddim_step(eps, t, x_t)
+           [resample U > 1] U - 1 more times: x_t = renoise(x_{t-1}); known merge, eps, step again  (RePaint jumps)
     4. [known region] x_0 = r * x_0 + (1 - r) * z_known
     5. image = clamp(decode(x_0 / scale_factor), 0, 1)
 
@@ -115,6 +116,17 @@ def draw_noise(shape: Sequence[int], generator: torch.Generator | Sequence[torch
     return noise.to(device)
 
 
+def _renoise(scheduler: Any, x_prev: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
+    """``x_t`` from ``x_{t-1}`` of a DDIM step at ``t`` (forward diffusion over one step of the inference schedule):
+    ``sqrt(a_t / a_prev) x_prev + sqrt(1 - a_t / a_prev) noise`` with the scheduler's cumulative alphas (``a_prev``
+    its final alpha past step 0, as :meth:`step` uses)."""
+    prev = t - scheduler.num_train_timesteps // scheduler.num_inference_steps
+    a_t = scheduler.alphas_cumprod[t]
+    a_prev = scheduler.alphas_cumprod[prev] if prev >= 0 else scheduler.final_alpha_cumprod
+    ratio = (a_t / a_prev).to(device=x_prev.device, dtype=x_prev.dtype)
+    return ratio.sqrt() * x_prev + (1 - ratio).sqrt() * noise.to(x_prev.dtype)
+
+
 @torch.no_grad()
 def ddim_sample(
     network: nn.Module,
@@ -133,6 +145,7 @@ def ddim_sample(
     region: torch.Tensor | None = None,
     progress: bool = True,
     context_once: bool = True,
+    resample: int = 1,
     **extra_cond: Any,
 ) -> SampleOutput:
     """Sample latents (and images) for a batch of conditions.
@@ -159,6 +172,11 @@ def ddim_sample(
         progress: show a tqdm bar over the steps.
         context_once: compute the lesion cross-attention context once per run (it does not depend on the step);
             ``False`` recomputes it at every step (same output, slower; kept for checking).
+        resample: RePaint's resampling ("jumps", Lugmayr et al. 2022): each step is done ``resample`` times; after
+            every pass but the last, ``x_{t-1}`` is re-noised back to ``x_t`` (``sqrt(a_t / a_{t-1}) x_{t-1} +
+            sqrt(1 - a_t / a_{t-1}) n``, ``a`` the cumulative alphas) and the known region merged in again, so the
+            generated region is harmonised with what is kept. ``1`` (default) is plain DDIM, bit for bit; ``U``
+            costs ``U`` times the denoiser calls.
         extra_cond: further network inputs (``extra_concat``, token-source inputs).
 
     Returns:
@@ -168,6 +186,8 @@ def ddim_sample(
 
     if (known_latent is None) != (region is None):
         raise ValueError("ddim_sample: known_latent and region go together")
+    if isinstance(resample, bool) or not isinstance(resample, int) or resample < 1:
+        raise ValueError(f"ddim_sample: resample must be an integer >= 1, got {resample!r}")
     device = mask_latent.device
     b, (h, w) = mask_latent.shape[0], mask_latent.shape[2:]
     if generator is None and seed is not None:
@@ -193,15 +213,18 @@ def ddim_sample(
         context = sampling_context(network, cond, b, guidance_scale, device) if context_once else None
         for t in tqdm(scheduler.timesteps, desc="DDIM", disable=not progress, leave=False):
             t_batch = torch.full((b,), int(t), dtype=torch.long, device=device)
-            if known_latent is not None:
-                renoised = scheduler.add_noise(known_latent, draw_noise(shape, generator, device), t_batch)
-                x = region * x + (1 - region) * renoised
-            eps = guided_noise(network, x, t_batch, cond, guidance_scale, context=context).to(x.dtype)
-            if per_row and eta > 0:  # each row's eta noise from its own generator
-                x = torch.cat([scheduler.step(eps[i : i + 1], int(t), x[i : i + 1], eta=eta, generator=g)[0]
-                               for i, g in enumerate(step_generators)])
-            else:
-                x, _ = scheduler.step(eps, int(t), x, eta=eta, generator=None if per_row else step_generator)
+            for u in range(resample):
+                if u > 0:  # RePaint jump: x_{t-1} back to x_t
+                    x = _renoise(scheduler, x, int(t), draw_noise(shape, generator, device))
+                if known_latent is not None:
+                    renoised = scheduler.add_noise(known_latent, draw_noise(shape, generator, device), t_batch)
+                    x = region * x + (1 - region) * renoised
+                eps = guided_noise(network, x, t_batch, cond, guidance_scale, context=context).to(x.dtype)
+                if per_row and eta > 0:  # each row's eta noise from its own generator
+                    x = torch.cat([scheduler.step(eps[i : i + 1], int(t), x[i : i + 1], eta=eta, generator=g)[0]
+                                   for i, g in enumerate(step_generators)])
+                else:
+                    x, _ = scheduler.step(eps, int(t), x, eta=eta, generator=None if per_row else step_generator)
         if known_latent is not None:
             x = region * x + (1 - region) * known_latent
     finally:

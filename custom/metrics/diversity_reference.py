@@ -30,12 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from custom.data.cases import Finding, MammoCase
-from custom.data.phantom import PHANTOM_README_NAME, _hex_id, _write_dicom, phantom_image
+from custom.data.phantom import PHANTOM_README_NAME, _hex_id, _write_dicom, _write_lesion_free, phantom_image
 from custom.data.prepare import PreprocessSettings, preprocess_case
 from custom.data.training import load_prepared_datalist
 from custom.metrics.image_quality import ms_ssim_diversity
 
-__all__ = ["load_model_frame", "real_pairs_ms_ssim", "phantom_source", "sibling_frames", "texture_sibling_ms_ssim"]
+__all__ = ["load_model_frame", "real_pairs_ms_ssim", "phantom_source", "sibling_frames", "texture_sibling_ms_ssim",
+           "write_lesion_free_sibling"]
 
 
 def load_model_frame(path: str | Path, image_size: int) -> np.ndarray:
@@ -151,4 +152,28 @@ def texture_sibling_ms_ssim(prepared_dir: str | Path, image_size: int, split: st
            "n_siblings": int(n_siblings), "per_case": per_case}
     if roundtrip is not None:
         out["roundtrip_ms_ssim_mean"] = float(np.mean([c["roundtrip_ms_ssim_mean"] for c in per_case]))
+    return out
+
+
+def write_lesion_free_sibling(source_image: str | Path, texture_seed: int | None, path: str | Path) -> Path:
+    """Write the lesion-free *texture sibling* of a phantom image as DICOM MG at ``path``: the phantom's lesion-free
+    truth of that image (same breast outline, pectoral muscle, tags, grayscale variant, same stored-value mapping)
+    with an independent parenchymal texture (``texture_seed``), written as the phantom writes its own truth. It is a
+    plausible lesion-free tissue from the same generator, not the hidden one: its error to the truth in a lesion box
+    is the reference error of a perfect "plausible tissue" removal (the removal analogue of the diversity
+    reference). ``texture_seed=None`` writes the phantom's own truth again (same pixels).
+
+    Raises:
+        ValueError: ``source_image`` is not a phantom image, or that image has no lesion (no lesion-free truth).
+    """
+    src = phantom_source({"source_image": str(source_image)})
+    if src is None:
+        raise ValueError(f"{source_image}: not a phantom image (texture siblings need the phantom)")
+    img = phantom_image(src["seed"], src["study_index"], src["image_index"], src["image_shape"],
+                        texture_seed=None if texture_seed is None else int(texture_seed))
+    if img.lesion_free_stored is None:
+        raise ValueError(f"{source_image}: the phantom image has no lesion, so no lesion-free truth")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_lesion_free(img, out, src["seed"])
     return out

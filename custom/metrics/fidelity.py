@@ -8,6 +8,8 @@ attribute accuracy.
 * :func:`radiomics_fidelity`: Spearman correlation, per feature, between the features *requested* for each generated
   lesion and the features *measured* on it, and their mean over the features (features constant in either set have no
   correlation and are counted apart). Run on real-vs-real pairs (the same lesions measured twice) it gives the ceiling.
+* :func:`removal_error` / :func:`ring_fill`: a removed lesion against the lesion-free truth, and the trivial fill (the
+  region set to the mean of the ring of pixels around it) whose error is one reference for it.
 * :func:`attribute_accuracy`: per-attribute accuracy of an attribute classifier's predictions against the requested
   attributes (the reconstruction loop); on real images it gives the ceiling.
 """
@@ -19,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["boundary_jump", "seam_score", "radiomics_fidelity", "attribute_accuracy", "removal_error",
+__all__ = ["boundary_jump", "seam_score", "radiomics_fidelity", "attribute_accuracy", "removal_error", "ring_fill",
            "lesion_radiomics_fidelity"]
 
 
@@ -136,6 +138,44 @@ def removal_error(removed: Any, truth: Any, original: Any, lesion: Any) -> dict[
         raise ValueError(f"removal_error: shapes differ: {rem.shape}, {tru.shape}, {org.shape}, {les.shape}")
     err, con = float(np.abs(rem - tru)[les].mean()), float(np.abs(org - tru)[les].mean())
     return {"error": err, "contrast": con, "ratio": err / con if con > 0 else float("nan")}
+
+
+def ring_fill(image: Any, region: Any, width: int = 3, within: Any = None) -> np.ndarray:
+    """The trivial removal: ``image`` with every pixel of ``region`` set to the mean of the ring around it (the pixels
+    outside ``region`` within ``width`` 8-connected dilation steps, restricted to ``within`` when given, e.g. the
+    breast). The reference a generative removal should beat or match: a flat fill has the right local brightness
+    and no texture.
+
+    Args:
+        image: ``(H, W)`` image.
+        region: ``(H, W)`` bool region to fill.
+        width: ring width in pixels (>= 1).
+        within: optional ``(H, W)`` bool mask the ring is restricted to.
+
+    Returns:
+        ``(H, W)`` float64 copy of ``image`` with the region filled.
+
+    Raises:
+        ValueError: an empty region, ``width`` < 1, mismatched shapes, or an empty ring.
+    """
+    from scipy import ndimage
+
+    img = _as2d(image, "ring_fill").astype(np.float64)
+    reg = _as2d(region, "ring_fill") > 0
+    if img.shape != reg.shape:
+        raise ValueError(f"ring_fill: shapes differ: {img.shape}, {reg.shape}")
+    if not reg.any():
+        raise ValueError("ring_fill: empty region")
+    if int(width) < 1:
+        raise ValueError(f"ring_fill: width must be >= 1, got {width}")
+    ring = ndimage.binary_dilation(reg, structure=np.ones((3, 3), bool), iterations=int(width)) & ~reg
+    if within is not None:
+        ring &= _as2d(within, "ring_fill") > 0
+    if not ring.any():
+        raise ValueError("ring_fill: no pixel around the region")
+    out = img.copy()
+    out[reg] = img[ring].mean()
+    return out
 
 
 def lesion_radiomics_fidelity(real: Any, generated: Any, retest: Any, instances: Any,
