@@ -84,8 +84,14 @@ def test_edit_study_end_to_end(study_models, prepared_dir, phantom_dir, tmp_path
         assert r["ratio"] == pytest.approx(np.mean([c["ratio"] for c in r["per_case"]])) and r["error"] > 0
     assert "reference: ring-mean fill" in (out / "results.md").read_text()
     af = res["attribute_fidelity"]
-    assert af["attributes"] == ["view", "density"] and af["n_generated"] == 8  # 2 views x 4 densities x 1 seed
-    assert set(af["accuracy"]["generated"]) == {"view", "density"} and af["accuracy"]["real"]["view"]["n"] > 0
+    assert af["n_generated"] == 8  # 2 views x 4 densities x 1 seed
+    reader = af["density_reader"]  # the dense-fraction reader: fitted, or skipped with its reason (tiny phantom)
+    if "skipped" in reader:
+        assert af["attributes"] == ["view", "density"] and "DensityReader.fit" in reader["skipped"]
+    else:
+        assert af["attributes"] == ["view", "density", "density_reader"] and reader["thresholds"] == sorted(reader["thresholds"])
+        assert af["accuracy"]["generated"]["density_reader"]["n"] == 8
+    assert set(af["accuracy"]["generated"]) == set(af["attributes"]) and af["accuracy"]["real"]["view"]["n"] > 0
     sides = sorted((out / "samples" / "attributes").glob("a_*_seed*.json"))
     assert len(sides) == 8
     asked = {tuple(sorted(json.loads(p.read_text())["parameters"]["attributes"].items())) for p in sides}

@@ -106,3 +106,29 @@ def test_ring_fill_hand_made():
                 dict(region=region, within=np.zeros((7, 7), bool))):
         with pytest.raises(ValueError, match="ring_fill"):
             ring_fill(img, **bad)
+
+
+def test_dense_fraction_and_density_reader_hand_made():
+    from custom.metrics.attribute_classifier import DensityReader, dense_fraction
+
+    # a 20x20 breast on air: 0.2 fat with a 0.8 glandular block of known size; Otsu splits the two levels
+    img = np.zeros((32, 32))
+    breast = np.zeros((32, 32), dtype=bool)
+    breast[4:24, 4:24] = True
+    img[breast] = 0.2
+    img[4:14, 4:12] = 0.8  # 80 of 400 breast pixels
+    assert dense_fraction(img, breast) == pytest.approx(80 / 400)
+    assert dense_fraction(img) == pytest.approx(80 / 400)  # the breast mask found from the image itself
+    assert np.isnan(dense_fraction(np.full((8, 8), 0.5), np.ones((8, 8), bool)))  # a flat breast has no split
+    # thresholds: midpoints of the class medians
+    fr = [0.1, 0.12, 0.3, 0.32, 0.34, 0.5, 0.52, 0.7, 0.9]
+    lab = ["A", "A", "B", "B", "B", "C", "C", "D", "D"]
+    reader = DensityReader.fit(fr, lab)
+    assert reader.thresholds == pytest.approx([(0.11 + 0.32) / 2, (0.32 + 0.51) / 2, (0.51 + 0.8) / 2])
+    assert reader.read([0.0, 0.2, 0.4, 0.6, 1.0, float("nan")]) == ["A", "A", "B", "C", "D", "?"]
+    with pytest.raises(ValueError, match="no image of density D"):
+        DensityReader.fit([0.1, 0.3, 0.5], ["A", "B", "C"])
+    with pytest.raises(ValueError, match="not increasing"):
+        DensityReader.fit([0.9, 0.3, 0.5, 0.7], ["A", "B", "C", "D"])
+    with pytest.raises(ValueError, match="increasing finite thresholds"):
+        DensityReader([0.5, 0.2, 0.7])

@@ -72,7 +72,9 @@ from custom.errors import MammoInputError
 from custom.features import FEATURE_NAMES, extract_lesion_features
 from custom.metrics.attribute_classifier import (
     HEADS,
+    DensityReader,
     attribute_fidelity,
+    dense_fraction,
     items_from_prepared,
     load_classifier,
     load_images,
@@ -81,7 +83,7 @@ from custom.metrics.attribute_classifier import (
 )
 from custom.errors import option_int
 from custom.metrics.diversity_reference import write_lesion_free_sibling
-from custom.metrics.fidelity import removal_error, ring_fill, seam_score
+from custom.metrics.fidelity import attribute_accuracy, removal_error, ring_fill, seam_score
 from custom.metrics.radiomics_distance import DEFAULT_PARAMS_FILE, frechet_radiomics_distance
 from custom.metrics.segmenter import load_segmenter, predict_lesion
 from custom.transforms.geometry import MammoGeometry
@@ -391,8 +393,29 @@ def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: s
         size = int(clf.config["image_size"])
         acc = attribute_fidelity(clf, load_images(gen_paths, size), requested,
                                  load_images([it["image"] for it in real], size), [it["attributes"] for it in real])
-        attribute = {"accuracy": acc, "n_generated": len(gen_paths), "n_real": len(real), "attributes": asked,
+        attribute = {"accuracy": acc, "n_generated": len(gen_paths), "n_real": len(real), "attributes": list(asked),
                      "classifier": clf_source}
+        reader = None
+        if "density" in asked:  # the classical check beside the CNN: dense-tissue fraction, thresholds from training
+            model_size = int(side["conditions"]["image_size"])
+            train_items = items_from_prepared(prepared, "training")
+            train_fr = [dense_fraction(im[0].numpy()) for im in load_images([it["image"] for it in train_items], model_size)]
+            try:
+                reader = DensityReader.fit(train_fr, [it["attributes"].get("density") for it in train_items])
+            except ValueError as err:  # e.g. a density class missing from a small training split
+                attribute["density_reader"] = {"skipped": str(err)}
+        if "density" in asked and reader is not None:
+            gen_read = reader.read_images(load_images(gen_paths, model_size))
+            real_read = reader.read_images(load_images([it["image"] for it in real], model_size))
+            key = "density_reader"
+            acc["generated"].update(attribute_accuracy([{key: r["density"]} if "density" in r else {} for r in requested],
+                                                       [{key: v} for v in gen_read]))
+            acc["real"].update(attribute_accuracy([{key: it["attributes"]["density"]} if "density" in it["attributes"]
+                                                   else {} for it in real], [{key: v} for v in real_read]))
+            attribute["attributes"].append(key)
+            attribute["density_reader"] = {"thresholds": reader.thresholds, "fit_on": len(train_items),
+                                           "image_size": model_size,
+                                           "generated_read": {str(k): int(v) for k, v in zip(*np.unique(gen_read, return_counts=True))}}
     else:
         attribute = {"skipped": f"the default model reads no view/density attributes (it reads: {names or 'none'})",
                      "classifier": clf_source}
@@ -516,9 +539,17 @@ def format_tables(results: Mapping[str, Any]) -> str:
                   "|---|---|---|"]
         for name in af["attributes"]:
             g, r = af["accuracy"]["generated"].get(name, {}), af["accuracy"]["real"].get(name, {})
-            lines.append(f"| {name} | {_f(g.get('accuracy'), 3)} (n={g.get('n', 0)}) | "
+            label = "density (dense-tissue fraction reader)" if name == "density_reader" else name
+            lines.append(f"| {label} | {_f(g.get('accuracy'), 3)} (n={g.get('n', 0)}) | "
                          f"{_f(r.get('accuracy'), 3)} (n={r.get('n', 0)}) |")
         lines.append(f"\nAttribute classifier: {af['classifier']}.")
+        if "skipped" in af.get("density_reader", {}):
+            lines.append(f"Density reader: not fitted ({af['density_reader']['skipped']}).")
+        elif "density_reader" in af:
+            t = ", ".join(f"{v:.3f}" for v in af["density_reader"]["thresholds"])
+            lines.append(f"Density reader: dense-tissue fraction of the breast (Otsu inside the breast mask), cut into "
+                         f"A-D at {t} (midpoints of the class medians of the {af['density_reader']['fit_on']} training "
+                         f"images at {af['density_reader']['image_size']} px).")
     else:
         lines.append(f"Attribute fidelity: {af['skipped']}.")
     return "\n".join(lines) + "\n"

@@ -8,6 +8,9 @@ they were asked for.
 * :func:`attribute_fidelity`: accuracy per attribute on generated images (against the requested attributes) next to
   the accuracy on real images (the ceiling), via :func:`custom.metrics.fidelity.attribute_accuracy`.
 * :func:`save_classifier` / :func:`load_classifier`: ``{"state_dict", "config"}`` loaded with ``weights_only=True``.
+* :class:`DensityReader`: a second, classical density check that needs no training beyond three thresholds - the
+  dense-tissue fraction of the breast (Otsu's threshold between fat and glandular tissue inside the breast mask),
+  cut into A-D at the midpoints between the class medians of the training images.
 
 CLI (phantom/prepared data)::
 
@@ -38,7 +41,7 @@ from custom.errors import MammoInputError
 from custom.io import atomic_path
 from custom.metrics.fidelity import attribute_accuracy
 
-__all__ = ["HEADS", "AttributeClassifier", "load_images", "items_from_prepared", "train_attribute_classifier",
+__all__ = ["HEADS", "AttributeClassifier", "DensityReader", "dense_fraction", "load_images", "items_from_prepared", "train_attribute_classifier",
            "predict_attributes", "attribute_fidelity", "save_classifier", "load_classifier", "main"]
 
 #: head -> class names.
@@ -156,6 +159,78 @@ def attribute_fidelity(model: AttributeClassifier, generated: torch.Tensor, requ
     their labels (the ceiling)}``."""
     return {"generated": attribute_accuracy(requested, predict_attributes(model, generated)),
             "real": attribute_accuracy(real_attrs, predict_attributes(model, real))}
+
+
+def dense_fraction(image: Any, breast: Any = None) -> float:
+    """Fraction of the breast that is dense (glandular) tissue: the pixels of the breast above Otsu's threshold of the
+    breast's own intensities (fat dark, glandular tissue bright; per image, so a vendor's grey level does not matter).
+
+    Args:
+        image: ``(H, W)`` (or ``(1, H, W)``) display image in [0, 1], 0 = air.
+        breast: ``(H, W)`` bool breast mask; ``None`` finds it with :func:`custom.transforms.masks.breast_mask`.
+
+    Returns:
+        the fraction in [0, 1]; ``nan`` when the breast has fewer than 2 distinct values.
+    """
+    from skimage.filters import threshold_otsu
+
+    from custom.transforms.masks import breast_mask
+
+    img = np.asarray(image, dtype=np.float64)
+    img = img[0] if img.ndim == 3 and img.shape[0] == 1 else img
+    if img.ndim != 2:
+        raise ValueError(f"dense_fraction: (H, W) image expected, got shape {img.shape}")
+    mask = breast_mask(img) if breast is None else np.asarray(breast, dtype=bool)
+    values = img[mask]
+    if values.size < 2 or np.ptp(values) == 0:
+        return float("nan")
+    return float((values > threshold_otsu(values)).mean())
+
+
+class DensityReader:
+    """BI-RADS density A-D from the dense-tissue fraction (:func:`dense_fraction`): three thresholds, each the midpoint
+    between the medians of two neighbouring classes on real (training) images. A classical, inspectable check beside
+    the CNN (:class:`AttributeClassifier`), whose density head is at chance on the small phantom training set.
+
+    Args:
+        thresholds: the three cut points (A|B, B|C, C|D), increasing.
+    """
+
+    classes = HEADS["density"]
+
+    def __init__(self, thresholds: Sequence[float]) -> None:
+        t = [float(v) for v in thresholds]
+        if len(t) != len(self.classes) - 1 or any(not np.isfinite(v) for v in t) or t != sorted(t):
+            raise ValueError(f"DensityReader: {len(self.classes) - 1} increasing finite thresholds expected, got {thresholds!r}")
+        self.thresholds = t
+
+    @classmethod
+    def fit(cls, fractions: Sequence[float], densities: Sequence[str]) -> "DensityReader":
+        """Thresholds from real images' dense fractions and their density labels (every class needs an image)."""
+        fr = np.asarray(fractions, dtype=np.float64)
+        labels = list(densities)
+        if fr.shape != (len(labels),):
+            raise ValueError(f"DensityReader.fit: {fr.shape[0] if fr.ndim else 0} fractions for {len(labels)} labels")
+        medians = []
+        for c in cls.classes:
+            values = fr[[lab == c for lab in labels]]
+            values = values[np.isfinite(values)]
+            if values.size == 0:
+                raise ValueError(f"DensityReader.fit: no image of density {c}")
+            medians.append(float(np.median(values)))
+        if medians != sorted(medians):
+            raise ValueError(f"DensityReader.fit: class medians not increasing A->D ({medians}): the dense fraction "
+                             "does not order these images by density")
+        return cls([(a + b) / 2.0 for a, b in zip(medians[:-1], medians[1:])])
+
+    def read(self, fractions: Sequence[float]) -> list[str]:
+        """Density class of each dense fraction (``nan`` -> ``"?"``, which never matches a request)."""
+        return ["?" if not np.isfinite(f) else self.classes[int(np.searchsorted(self.thresholds, f, side="right"))]
+                for f in np.asarray(fractions, dtype=np.float64)]
+
+    def read_images(self, images: torch.Tensor) -> list[str]:
+        """``(N, 1, H, W)`` images in [0, 1] -> density classes."""
+        return self.read([dense_fraction(im[0].cpu().numpy()) for im in images])
 
 
 def save_classifier(model: AttributeClassifier, path: str | os.PathLike) -> None:
