@@ -116,6 +116,21 @@ def draw_noise(shape: Sequence[int], generator: torch.Generator | Sequence[torch
     return noise.to(device)
 
 
+def _initial_latent(caller: str, network: nn.Module, scheduler: Any, mask_latent: torch.Tensor,
+                    seed: int | Sequence[int] | None, generator: Any) -> tuple[Any, tuple[int, ...], torch.Tensor]:
+    """Step 1 of both samplers: the run's generator(s) (from ``seed`` unless ``generator`` is given; a seed list gives
+    one generator per row) and the initial latent ``x_T = noise * init_noise_sigma`` of shape
+    ``(B, latent_channels, h, w)`` (``B, h, w`` from ``mask_latent``). Returns ``(generator, shape, x_T)``."""
+    b, (h, w) = mask_latent.shape[0], mask_latent.shape[2:]
+    if generator is None and seed is not None:
+        generator = row_generators(seed) if isinstance(seed, (list, tuple)) else torch.Generator().manual_seed(int(seed))
+    if isinstance(generator, (list, tuple)) and len(generator) != b:
+        raise ValueError(f"{caller}: {len(generator)} seeds/generators for {b} rows")
+    shape = (b, int(getattr(network, "latent_channels", 4)), h, w)
+    x = draw_noise(shape, generator, mask_latent.device) * float(getattr(scheduler, "init_noise_sigma", 1.0))
+    return generator, shape, x
+
+
 def _renoise(scheduler: Any, x_prev: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
     """``x_t`` from ``x_{t-1}`` of a DDIM step at ``t`` (forward diffusion over one step of the inference schedule):
     ``sqrt(a_t / a_prev) x_prev + sqrt(1 - a_t / a_prev) noise`` with the scheduler's cumulative alphas (``a_prev``
@@ -189,19 +204,11 @@ def ddim_sample(
     if isinstance(resample, bool) or not isinstance(resample, int) or resample < 1:
         raise ValueError(f"ddim_sample: resample must be an integer >= 1, got {resample!r}")
     device = mask_latent.device
-    b, (h, w) = mask_latent.shape[0], mask_latent.shape[2:]
-    if generator is None and seed is not None:
-        if isinstance(seed, (list, tuple)):
-            generator = row_generators(seed)
-        else:
-            generator = torch.Generator().manual_seed(int(seed))
+    b = mask_latent.shape[0]
+    generator, shape, x = _initial_latent("ddim_sample", network, scheduler, mask_latent, seed, generator)
     per_row = isinstance(generator, (list, tuple))
-    if per_row and len(generator) != b:
-        raise ValueError(f"ddim_sample: {len(generator)} seeds/generators for {b} rows")
     was_training = network.training
     network.eval()
-    shape = (b, int(getattr(network, "latent_channels", 4)), h, w)
-    x = draw_noise(shape, generator, device) * float(getattr(scheduler, "init_noise_sigma", 1.0))
     cond = dict(mask_latent=mask_latent, features=features, lesion_masks=lesion_masks, lesion_present=lesion_present, **extra_cond)
     scheduler.set_timesteps(int(num_inference_steps), device=device)
     # eta noise comes from the scheduler's own draw: the matching generator when it lives on the sampling device
@@ -277,15 +284,10 @@ def pndm_sample(
     if not isinstance(scheduler, PNDMScheduler):
         raise TypeError(f"pndm_sample: a monai PNDMScheduler is needed, got {type(scheduler).__name__}")
     device = mask_latent.device
-    b, (h, w) = mask_latent.shape[0], mask_latent.shape[2:]
-    if generator is None and seed is not None:
-        generator = row_generators(seed) if isinstance(seed, (list, tuple)) else torch.Generator().manual_seed(int(seed))
-    if isinstance(generator, (list, tuple)) and len(generator) != b:
-        raise ValueError(f"pndm_sample: {len(generator)} seeds/generators for {b} rows")
+    b = mask_latent.shape[0]
+    generator, _, x = _initial_latent("pndm_sample", network, scheduler, mask_latent, seed, generator)
     was_training = network.training
     network.eval()
-    shape = (b, int(getattr(network, "latent_channels", 4)), h, w)
-    x = draw_noise(shape, generator, device) * float(getattr(scheduler, "init_noise_sigma", 1.0))
     cond = dict(mask_latent=mask_latent, features=features, lesion_masks=lesion_masks, lesion_present=lesion_present,
                 **extra_cond)
     scheduler.set_timesteps(int(num_inference_steps), device=device)
