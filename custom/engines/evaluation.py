@@ -527,8 +527,8 @@ class EvaluationReport:
             recon = torch.cat([self.encoder.decode(self.encoder.encode(real_t[i : i + 16].to(dev))).cpu()
                                for i in range(0, real_t.shape[0], 16)])
         reconstruction = reconstruction_metrics(recon, real_t)
-        # the same distances for the real images' stage-1 round trip: the part of each distance that stage 1 alone
-        # accounts for (no sampler can be closer to the real set than what the decoder can express)
+        # the same distances for the real images' stage-1 round trip: what stage 1 alone costs, with the real
+        # latents (a sampler's images pass the same decoder, so a distance far above this one is stage 2's)
         recon_np = recon.clamp(0, 1).numpy().astype(a["real"].dtype)
         seconds["reconstruction"] = time.time() - t0
 
