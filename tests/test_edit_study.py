@@ -57,7 +57,8 @@ def test_edit_study_end_to_end(study_models, prepared_dir, phantom_dir, tmp_path
     out = tmp_path / "study"
     rc = main(["--prepared_dir", str(prepared_dir), "--phantom_dir", str(phantom_dir), "--ckpt_dir", str(study_models),
                "--output", str(out), "--max_cases", "2", "--ddim_steps", "2", "--samples_per_attribute", "1",
-               "--classifier_epochs", "1", "--extra_config", str(INFERENCE_TINY_CONFIG), "--remove_resample", "2"])
+               "--classifier_epochs", "1", "--extra_config", str(INFERENCE_TINY_CONFIG), "--remove_resample", "2",
+               "--blend", "poisson"])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert res["note"].startswith("phantom data") and res["settings"]["n_cases"] == 2
@@ -76,7 +77,11 @@ def test_edit_study_end_to_end(study_models, prepared_dir, phantom_dir, tmp_path
         assert 0 <= r["found_after"] <= 2
         assert r["resample"] == 2 and np.isfinite(r["seam_excess"])
         side = json.loads((out / "samples" / f"remove_{mech}" / "r0_seed0.json").read_text())
-        assert side["parameters"]["keep_resample"] == 2  # the study's option reached the inference run
+        assert side["parameters"]["keep_resample"] == 2  # the study's options reached the inference run
+        assert side["parameters"]["keep_blend"] == "poisson"
+    assert res["settings"]["blend"] == "poisson"
+    side = json.loads((out / "samples" / "keep" / "c0_seed0.json").read_text())
+    assert side["parameters"]["keep_blend"] == "poisson"  # the insertions too
     refs = res["removal_reference"]
     assert set(refs) == {"ring_fill", "sibling"}
     for name, r in refs.items():
@@ -123,6 +128,7 @@ def test_edit_study_bad_input_is_one_line_and_writes_nothing(study_models, prepa
         (["--ckpt_dir", str(study_models), "--classifier", str(tmp_path / "none.pt")], "none.pt: attribute classifier not found"),
         (["--ckpt_dir", str(study_models), "--segmenter", str(tmp_path / "seg.pt")], "seg.pt: lesion segmenter not found"),
         (["--ckpt_dir", str(study_models), "--remove_resample", "0"], "remove_resample: must be an integer 1..100"),
+        (["--ckpt_dir", str(study_models), "--blend", "soft"], "keep_blend: must be one of feather, poisson"),
     ]
     for extra, words in cases:
         assert main(base + extra) == 1

@@ -15,7 +15,9 @@ Modes (every pixel outside the dilated region is the preprocessed source, bit fo
    lesion pixels become breast in the label map, ``lesion_category=none`` when the model reads it), by the inpainting
    mechanism when the model has its channels and by keep (RePaint) otherwise.
 
-The decoded result is pasted back with :func:`custom.engines.inference.paste_weights` (0 outside the region).
+The decoded result is pasted back by :meth:`custom.engines.inference.GCDMSamplingInferer.paste` (the
+``keep_feather`` ramp, 0 outside the region; with ``keep_blend: "poisson"`` Poisson-blended first,
+:mod:`custom.transforms.blend`).
 
 A requested ``view`` that contradicts the breast mask's shape (:func:`custom.data.attributes.breast_shape_view`: an
 MLO prompt with a CC-shaped mask, or the reverse) is generated as asked and written as a note in the sidecar
@@ -62,7 +64,6 @@ from custom.engines.inference import (
     _seeds,
     build_inference_cases,
     keep_region,
-    paste_weights,
 )
 from custom.engines.inpaint import has_inpaint_channels, inpaint_channels, inpaint_concat
 from custom.errors import MammoInputError
@@ -367,8 +368,7 @@ class EditSamplingInferer(GCDMSamplingInferer):
         reg = region.float().to(label.device)
         kwargs["extra_concat"] = inpaint_concat(self.encoder, known, reg)
         img = super().__call__(label, network, *args, resample=self.resample, **kwargs)
-        w = torch.stack([paste_weights(reg[i, 0], self.feather) for i in range(r)])[:, None].to(label.device)
-        return torch.where(w > 0, w * img + (1.0 - w) * known, known)
+        return self.paste(img, known, reg)
 
 
 class MaskDropped(nn.Module):

@@ -29,7 +29,8 @@ Steps (each through the bundle's own ``inference`` workflow, ``python -m monai.b
    lesion added to the truth), :func:`custom.metrics.fidelity.removal_error`; the segmenter's lesion pixels in the
    box before and after, and how many boxes it still "finds" a lesion in (>= 25 % of the box predicted lesion); the
    seam excess of the removed region against the truth's jump over the same boundary. ``--remove_resample U``
-   runs removal with RePaint resampling (inference's ``keep_resample``). Two references for the error, since a
+   runs removal with RePaint resampling (inference's ``keep_resample``); ``--blend poisson`` pastes every edit
+   (insertion and removal) back with Poisson blending (inference's ``keep_blend``). Two references for the error, since a
    generative fill can only give *a* plausible tissue, not the hidden one: the *ring-mean fill* (the region set
    to the mean of the source's 3-pixel ring around it, :func:`custom.metrics.fidelity.ring_fill`) and the
    *lesion-free texture sibling* (the phantom's lesion-free truth with an independent parenchymal texture, written
@@ -68,6 +69,7 @@ from PIL import Image
 from custom.data.attributes import parse_prompt
 from custom.data.prepare import load_display_image
 from custom.engines.edit import build_edit_cases
+from custom.engines.inference import check_blend
 from custom.errors import MammoInputError
 from custom.features import FEATURE_NAMES, extract_lesion_features
 from custom.metrics.attribute_classifier import (
@@ -236,10 +238,11 @@ def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: s
                    ddim_steps: int = 20, samples_per_attribute: int = 2, seed: int = 0,
                    segmenter: str | None = None, classifier: str | None = None, classifier_epochs: int = 30,
                    extra_configs: Sequence[str] = (), params_file: str | None = None,
-                   remove_resample: int = 1) -> dict[str, Any]:
+                   remove_resample: int = 1, blend: str = "feather") -> dict[str, Any]:
     """Run the study (see the module docstring) and write its files; returns the results dict."""
     start = time.time()
     remove_resample = option_int("remove_resample", remove_resample, 1, 100)
+    blend = check_blend(blend)
     prepared, ckpt, out = Path(prepared_dir), Path(ckpt_dir), Path(output)
     seg_path = Path(segmenter) if segmenter else ckpt / "segmenter.pt"
     if classifier is not None and not Path(classifier).is_file():
@@ -274,7 +277,8 @@ def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: s
             w.writerow(case["features"][0])  # the lesion of the first box: one slot
         for mode, configs in (("keep", default_cfg), ("inpaint", inpaint_cfg)):
             side = _infer(configs, ckpt, samples / mode, ddim_steps, mode=mode, image_file=case["dicom"],
-                          lesion_box=case["box"], feature_file=str(feature_file), case_id=f"c{i}", seed=seed)
+                          lesion_box=case["box"], feature_file=str(feature_file), case_id=f"c{i}", seed=seed,
+                          keep_blend=blend)
             rec = _rebuild("keep", side, case, str(feature_file), normaliser, [])
             region = np.asarray(rec.region, dtype=bool)
             lesion = np.asarray(rec.conditions.label) == 2
@@ -323,7 +327,8 @@ def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: s
         rows = []
         for i, case in enumerate(cases):
             side = _infer(configs, ckpt, samples / f"remove_{mech}", ddim_steps, mode="remove", image_file=case["dicom"],
-                          lesion_box=case["box"], case_id=f"r{i}", seed=seed, keep_resample=remove_resample)
+                          lesion_box=case["box"], case_id=f"r{i}", seed=seed, keep_resample=remove_resample,
+                          keep_blend=blend)
             rec = _rebuild("remove", side, case, None, normaliser, [])
             box = np.asarray(rec.extra["removed_lesion_model"], dtype=bool)
             region = np.asarray(rec.region, dtype=bool)
@@ -437,7 +442,7 @@ def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: s
         "settings": {"prepared_dir": str(prepared), "phantom_dir": str(phantom_dir), "ckpt_dir": str(ckpt),
                      "max_cases": int(max_cases), "n_cases": len(cases), "ddim_steps": int(ddim_steps), "seed": int(seed),
                      "samples_per_attribute": int(samples_per_attribute), "attribute_names": names,
-                     "remove_resample": remove_resample, "sibling_texture_seeds": list(SIBLING_SEEDS),
+                     "remove_resample": remove_resample, "blend": blend, "sibling_texture_seeds": list(SIBLING_SEEDS),
                      "ring_width": RING_WIDTH,
                      "segmenter": str(seg_path), "found_fraction": FOUND_FRACTION, "healthy_prompt": HEALTHY_PROMPT},
         "keep_vs_inpaint": keep_inpaint,
@@ -568,6 +573,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--segmenter", default=None, help="default: <ckpt_dir>/segmenter.pt")
     ap.add_argument("--classifier", default=None, help="attribute classifier; default: train one on the training split")
     ap.add_argument("--classifier_epochs", type=int, default=30)
+    ap.add_argument("--blend", default="feather",
+                    help="how the keep/inpaint/remove edits are pasted back (inference's keep_blend: feather or poisson)")
     ap.add_argument("--remove_resample", default=1,
                     help="RePaint resampling of the removal runs (inference's keep_resample; 1 = plain DDIM)")
     ap.add_argument("--extra_config", default="", help="comma-separated configs merged after inference.json")
@@ -576,7 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         res = run_edit_study(args.prepared_dir, args.phantom_dir, args.ckpt_dir, args.output, args.max_cases,
                              args.ddim_steps, args.samples_per_attribute, args.seed, args.segmenter, args.classifier,
                              args.classifier_epochs, [c for c in args.extra_config.split(",") if c],
-                             remove_resample=args.remove_resample)
+                             remove_resample=args.remove_resample, blend=args.blend)
     except MammoInputError as err:
         sys.stderr.write(f"ERROR: {' '.join(str(err).split())}\n")
         return 1

@@ -355,14 +355,15 @@ MAX_RESAMPLE = 100
 def check_sampling_options(ddim_steps: Any, guidance_scale: Any, ddim_eta: Any = 0.0, sigma: Any = 1.5,
                            keep_feather: Any = 2.0, num_train_timesteps: Any = None, *, num_samples: Any = None,
                            seed: Any = None, keep_dilation: Any = None, case_id: Any = None,
-                           keep_resample: Any = None, mode: Any = None) -> dict[str, Any]:
+                           keep_resample: Any = None, mode: Any = None, keep_blend: Any = None) -> dict[str, Any]:
     """The sampling options, checked before anything is built or loaded (the first step of the ``inference`` run,
     then again with the model's ``sigma`` and ``num_train_timesteps`` once it is loaded): ``ddim_steps`` an integer
     1..``num_train_timesteps``, ``guidance_scale`` a finite number 0..100, ``ddim_eta`` 0..1, ``sigma`` 0..100,
     ``keep_feather`` 0..10000, and when given ``num_samples`` / ``seed`` (as :func:`_seeds`), ``keep_dilation`` an
     integer >= 0 (its upper bound, the image size, is checked with the model), ``case_id`` (an output name) and
     ``keep_resample`` an integer 1..``MAX_RESAMPLE`` (above 1 only for an edit of a source image: ``mode`` keep,
-    inpaint or remove).
+    inpaint or remove), ``keep_blend`` one of :data:`custom.transforms.blend.BLEND_MODES` (``poisson`` only for an
+    edit of a source image, as ``keep_resample``).
     ``None`` skips a check. Raises one :class:`MammoInputError` naming the option."""
     t_max = MAX_STEPS
     if num_train_timesteps not in (None, ""):
@@ -384,11 +385,27 @@ def check_sampling_options(ddim_steps: Any, guidance_scale: Any, ddim_eta: Any =
         if checked["keep_resample"] > 1 and mode is not None and str(mode).lower() not in ("keep", "inpaint", "remove"):
             raise MammoInputError("keep_resample", f"resampling harmonises an edited region with the kept image; mode "
                                                    f"{str(mode)[:20]!r} has none (use 1, or mode keep/inpaint/remove)")
+    if keep_blend is not None:
+        checked["keep_blend"] = check_blend(keep_blend)
+        if checked["keep_blend"] != "feather" and mode is not None and str(mode).lower() not in ("keep", "inpaint", "remove"):
+            raise MammoInputError("keep_blend", f"{checked['keep_blend']!r} blends an edited region into a source image; "
+                                                f"mode {str(mode)[:20]!r} has none (use feather, or mode keep/inpaint/remove)")
     if case_id is not None:
         from custom.data.export import check_output_name  # (inner import as at its other use in this module)
 
         check_output_name("case_id", case_id)
     return checked
+
+
+def check_blend(blend: Any = "feather") -> str:
+    """``keep_blend``: how a regenerated region is pasted back, one of :data:`custom.transforms.blend.BLEND_MODES`
+    (``feather``: the ``keep_feather`` ramp; ``poisson``: Poisson blending first, :mod:`custom.transforms.blend`)."""
+    from custom.transforms.blend import BLEND_MODES
+
+    value = str(blend).strip().lower() if isinstance(blend, str) else blend
+    if value not in BLEND_MODES:
+        raise MammoInputError("keep_blend", f"must be one of {', '.join(BLEND_MODES)}, got {str(blend)[:40]!r}")
+    return value
 
 
 def check_sampler(sampler: Any = "ddim", ddim_eta: Any = None, mode: Any = "generate", *,
@@ -754,7 +771,7 @@ class GCDMSamplingInferer(Inferer):
 
     def __init__(self, scheduler: Any, encoder: nn.Module, num_inference_steps: int = 50, guidance_scale: float = 3.0,
                  sigma: float = 1.5, eta: float | None = 0.0, feather: float = 2.0, progress: bool = True,
-                 compile: bool = False, sampler: str = "ddim", resample: int = 1) -> None:
+                 compile: bool = False, sampler: str = "ddim", resample: int = 1, blend: str = "feather") -> None:
         super().__init__()
         self.sampler = check_sampler(sampler)
         if self.sampler == "pndm":
@@ -775,6 +792,7 @@ class GCDMSamplingInferer(Inferer):
         self.eta = None if self.sampler == "pndm" else option_float("ddim_eta", eta, 0.0, 1.0)
         self.feather = option_float("keep_feather", feather, 0.0, 1e4)
         self.resample = option_int("keep_resample", resample, 1, MAX_RESAMPLE)
+        self.blend = check_blend(blend)
         self.progress = as_bool(progress)
         if self.num_inference_steps < 1:
             raise MammoInputError("ddim_steps", f"must be at least 1, got {num_inference_steps!r}")
@@ -873,8 +891,21 @@ class GCDMSamplingInferer(Inferer):
         )
         img = res.images.float().to(label.device).clamp(0.0, 1.0)
         if weights is not None:
-            img = torch.where(weights > 0, weights * img + (1.0 - weights) * known_image, known_image)
+            img = self.paste(img, known_image, region, weights)
         return img
+
+    def paste(self, img: torch.Tensor, known: torch.Tensor, region: torch.Tensor,
+              weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoded ``img`` ``(R, 1, S, S)`` pasted into ``known`` over ``region``: Poisson-blended first when
+        ``blend`` is ``poisson``, then ``known`` outside ``region`` exactly and the ``feather`` ramp inside it."""
+        if weights is None:
+            weights = torch.stack([paste_weights(region[i, 0], self.feather) for i in range(img.shape[0])])[:, None]
+        weights = weights.to(img.device)
+        if self.blend == "poisson":
+            from custom.transforms.blend import poisson_blend
+
+            img = poisson_blend(img, known, region > 0).clamp(0.0, 1.0)
+        return torch.where(weights > 0, weights * img + (1.0 - weights) * known, known)
 
     def _network(self, network: nn.Module) -> nn.Module:
         """``network``, or its ``torch.compile`` wrapper (built once per network) when ``compile`` is on."""
@@ -997,6 +1028,8 @@ def sampling_parameters(inferer: GCDMSamplingInferer, *, model_path: str | None 
         params["keep_dilation_px"] = int(keep_dilation)
         params["keep_feather_px"] = inferer.feather
         params["keep_resample"] = int(getattr(inferer, "resample", 1))
+        if getattr(inferer, "blend", "feather") != "feather":  # (feather outputs keep their parameters as before)
+            params["keep_blend"] = inferer.blend
     params.update(dict(extra or {}))
     return params
 
