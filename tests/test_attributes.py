@@ -174,8 +174,8 @@ def test_attribute_tokens_null_and_per_attribute_dropping():
         AttributeTokens(["view", "colour"], 8)
 
 
-def _tiny_network(names):
-    from custom.networks.attributes import attribute_token_sources
+def _tiny_network(names, mode="tokens"):
+    from custom.networks.attributes import attribute_token_sources, time_attribute_names
     from custom.networks.gcdm import GCDMNetwork
 
     return GCDMNetwork(
@@ -183,15 +183,18 @@ def _tiny_network(names):
         conditioner={"mode": "off", "radiomic_dim": 67, "token_dim": 16, "num_tokens": 1},
         unet_kwargs={"channels": [8, 8], "attention_levels": [False, True], "num_res_blocks": 1, "num_head_channels": 8,
                      "norm_num_groups": 4},
-        token_sources=attribute_token_sources(names, 16, {n: 0.2 for n in names}),
+        token_sources=attribute_token_sources(names, 16, {n: 0.2 for n in names}, mode=mode),
+        time_attributes=time_attribute_names(names, mode), time_attribute_drop={n: 0.2 for n in names},
     )
 
 
-def test_tiny_network_learns_to_read_an_attribute():
+@pytest.mark.parametrize("mode", ["tokens", "time"])
+def test_tiny_network_learns_to_read_an_attribute(mode):
     """Target noise +1 for CC and -1 for MLO: after a few steps the prediction follows the view; an attribute that is
     not given uses the null token (same output as dropping it)."""
     torch.manual_seed(0)
-    net = _tiny_network(["view", "density"])
+    net = _tiny_network(["view", "density"], mode)
+    assert net.attribute_names == ("view", "density")
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     b = 8
     kw = dict(mask_latent=None, features=torch.zeros(b, 1, 67), lesion_masks=torch.zeros(b, 1, 8, 8),
@@ -213,11 +216,69 @@ def test_tiny_network_learns_to_read_an_attribute():
         out = net(x, t, mask_latent=None, attributes=torch.tensor([[0, 1], [1, 1]]), **kw2)
         assert out[0].mean() > 0.5 and out[1].mean() < -0.5  # CC -> +1, MLO -> -1
         given_null = net(x, t, mask_latent=None, attributes=torch.tensor([[-1, 1], [-1, 1]]), **kw2)
-        src = net.token_sources["attributes"]
-        forced = net.unet(x, t, context=torch.cat([net.conditioner(torch.zeros(2, 67), torch.zeros(2, 1, 8, 8)),
-                                                   src(torch.tensor([[1, 1], [0, 1]]), drop=torch.tensor([[True, False]] * 2))], 1))
+        lesion = net.conditioner(torch.zeros(2, 67), torch.zeros(2, 1, 8, 8))
+        drop = torch.tensor([[True, False]] * 2)
+        if mode == "tokens":
+            src = net.token_sources["attributes"]
+            forced = net.unet(x, t, context=torch.cat([lesion, src(torch.tensor([[1, 1], [0, 1]]), drop=drop)], 1))
+        else:
+            emb = net.unet.class_embedding
+            forced = _unet_with_time_shift(net.unet, x, t, lesion, emb(torch.tensor([[1, 1], [0, 1]]), drop=drop))
         assert torch.allclose(given_null, forced, atol=1e-5)  # "not given" == dropped to the null token
         assert given_null[0].mean().abs() < out[0].mean().abs()  # the null view is neither
+
+
+def _unet_with_time_shift(unet, x, t, context, shift):
+    """The UNet's output with ``shift`` (B, D) added to its timestep embedding, computed without the class hook: a
+    copy of the UNet without class embedding whose last time-embedding bias is moved by each row's shift."""
+    import copy
+
+    rows = []
+    for i in range(x.shape[0]):
+        plain = copy.deepcopy(unet)
+        plain.num_class_embeds = None
+        plain.class_embedding = None
+        with torch.no_grad():
+            plain.time_embed[-1].bias += shift[i]
+        rows.append(plain(x[i : i + 1], t[i : i + 1], context=context[i : i + 1]))
+    return torch.cat(rows)
+
+
+def test_time_mode_adds_the_summed_embeddings_to_the_time_embedding():
+    """attribute_mode "time": the embedding is the sum of the attribute rows (nulls where not given), it moves the
+    UNet's timestep embedding exactly, and the unconditional branch (features and mask dropped) sees every null."""
+    from custom.networks.attributes import AttributeEmbedding, attribute_token_sources, check_attribute_mode, time_attribute_names
+
+    torch.manual_seed(1)
+    emb = AttributeEmbedding(["view", "density"], 6).eval()
+    got = emb(torch.tensor([[1, 3], [-1, 0]]))
+    v, d = emb.tables["view"].weight, emb.tables["density"].weight
+    assert torch.allclose(got[0], v[1] + d[3]) and torch.allclose(got[1], v[2] + d[0])  # row 2 of view = its null
+    net = _tiny_network(["view", "density"], "time").eval()
+    assert not len(net.token_sources) and net.time_attributes == ("view", "density")
+    with torch.no_grad():  # random non-zero weights (MONAI zero-initialises the output convolution)
+        for param in net.unet.parameters():
+            param.add_(torch.randn_like(param) * 0.2)
+    x, t = torch.randn(2, 2, 8, 8), torch.tensor([10, 700])
+    kw = dict(mask_latent=None, features=torch.zeros(2, 1, 67), lesion_masks=torch.zeros(2, 1, 8, 8),
+              lesion_present=torch.zeros(2, 1))
+    codes = torch.tensor([[0, 2], [1, -1]])
+    with torch.no_grad():
+        out = net(x, t, attributes=codes, **kw)
+        lesion = net.conditioner(torch.zeros(2, 67), torch.zeros(2, 1, 8, 8))
+        ref = _unet_with_time_shift(net.unet, x, t, lesion, net.unet.class_embedding(codes))
+        assert torch.allclose(out, ref, atol=1e-5)
+        other = net(x, t, attributes=torch.tensor([[0, 3], [1, -1]]), **kw)
+        assert not torch.allclose(out[0], other[0]) and torch.allclose(out[1], other[1])  # only row 0 changed
+        flags = torch.tensor([True, False])
+        uncond = net(x, t, attributes=codes, drop_features=flags, drop_mask=flags, **kw)
+        nulls = net(x, t, attributes=torch.tensor([[-1, -1], [1, -1]]), drop_features=flags, drop_mask=flags, **kw)
+        assert torch.allclose(uncond, nulls) and not torch.allclose(uncond[0], out[0])
+    with pytest.raises(ValueError, match="attributes"):
+        net(x, t, **kw)  # the codes are required
+    assert attribute_token_sources(["view"], 16, mode="time") is None and time_attribute_names(["view"], "tokens") == ()
+    with pytest.raises(ValueError, match="attribute_mode: must be one of tokens, time"):
+        check_attribute_mode("film")
 
 
 # ------------------------------------------------------------------------------------------------ phantom

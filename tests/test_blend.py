@@ -110,17 +110,19 @@ def test_the_inferer_pastes_with_the_blend_and_checks_the_option():
     known = img + 0.3
     region = torch.zeros(1, 1, 24, 24)
     region[..., 6:16, 8:18] = 1
-    feather = GCDMSamplingInferer(DDIMScheduler(1000), enc, feather=2, progress=False)
-    poisson = GCDMSamplingInferer(DDIMScheduler(1000), enc, feather=2, progress=False, blend="Poisson")
+    feather = GCDMSamplingInferer(DDIMScheduler(1000), enc, feather=2, progress=False, blend="feather")
+    poisson = GCDMSamplingInferer(DDIMScheduler(1000), enc, feather=2, progress=False)  # the default
     a, b = feather.paste(img, known, region), poisson.paste(img, known, region)
     out = region[0, 0] == 0
     assert torch.equal(a[0, 0][out], known[0, 0][out]) and torch.equal(b[0, 0][out], known[0, 0][out])
     assert (a - known).abs().max() > 0.29  # the feathered paste keeps the generated brightness
     assert (b - known).abs().max() < 1e-5  # Poisson blending takes the surroundings' brightness
-    assert check_blend(" POISSON ") == "poisson"
-    for bad in ("laplace", None, 1):
+    assert poisson.blend == "poisson" and check_blend(None) == "poisson" and check_blend(" Feather ") == "feather"
+    for bad in ("laplace", "", 1):
         with pytest.raises(MammoInputError, match="keep_blend: must be one of feather, poisson"):
             check_blend(bad)
     assert check_sampling_options(20, 3.0, keep_blend="poisson", mode="remove")["keep_blend"] == "poisson"
-    with pytest.raises(MammoInputError, match="keep_blend.*'generate'"):
-        check_sampling_options(20, 3.0, keep_blend="poisson", mode="generate")
+    assert "keep_blend" not in check_sampling_options(20, 3.0, mode="generate")  # not given: the default
+    for value in ("poisson", "feather"):
+        with pytest.raises(MammoInputError, match="keep_blend.*'generate'"):
+            check_sampling_options(20, 3.0, keep_blend=value, mode="generate")

@@ -215,9 +215,8 @@ def test_inpaint_mode_with_prompt_keeps_outside_pixels(models, prepared_dir, cas
     assert (img[region] != expected[region]).any()
 
 
-@pytest.mark.parametrize("mechanism,resample,blend", [("keep", 1, "feather"), ("inpaint", 1, "feather"), ("keep", 3, "feather"),
-                                                      ("inpaint", 2, "feather"), ("keep", 1, "poisson"),
-                                                      ("inpaint", 1, "poisson")])
+@pytest.mark.parametrize("mechanism,resample,blend", [("keep", 1, None), ("inpaint", 1, None), ("keep", 3, None),
+                                                      ("inpaint", 2, "feather"), ("keep", 1, "feather")])
 def test_remove_mode_keeps_outside_pixels_and_drops_the_lesion(models, prepared_dir, case, tmp_path, mechanism, resample,
                                                                 blend):
     from custom.data.prepare import load_display_image
@@ -232,7 +231,7 @@ def test_remove_mode_keeps_outside_pixels_and_drops_the_lesion(models, prepared_
     side = json.loads((out / "rm_seed1.json").read_text())
     assert side["parameters"]["mode"] == "remove" and side["parameters"]["edit"]["mechanism"] == mechanism
     assert side["parameters"]["keep_resample"] == resample  # RePaint resampling recorded (1 = plain DDIM)
-    assert side["parameters"].get("keep_blend", "feather") == blend  # recorded when not the default
+    assert side["parameters"]["keep_blend"] == (blend or "poisson")  # recorded; Poisson blending by default
     assert side["conditions"]["num_lesions"] == 0  # generated with the no-lesion condition
     img = _png(out / "rm_seed1.png")
     expected = _expected_outside(side, case["dicom"])
@@ -279,9 +278,10 @@ def test_bad_edit_inputs_write_nothing(models, prepared_dir, case, tmp_path):
     msg = _error(lambda: _run(INFERENCE, models, prepared_dir, mode="remove", image_file=case["dicom"],
                               lesion_mask_file=case["lesion_png"], keep_blend="laplace", output_dir=str(out)))
     assert msg.startswith("keep_blend:") and "feather, poisson" in msg
-    msg = _error(lambda: _run(INFERENCE, models, prepared_dir, mask_file=case["lesion_png"], keep_blend="poisson",
-                              output_dir=str(out)))
-    assert msg.startswith("keep_blend:") and "'generate'" in msg
+    for value in ("poisson", "feather"):  # nothing to blend into when generating
+        msg = _error(lambda: _run(INFERENCE, models, prepared_dir, mask_file=case["lesion_png"], keep_blend=value,
+                                  output_dir=str(out)))
+        assert msg.startswith("keep_blend:") and "'generate'" in msg
     assert not out.exists()
 
 

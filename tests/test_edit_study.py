@@ -58,7 +58,7 @@ def test_edit_study_end_to_end(study_models, prepared_dir, phantom_dir, tmp_path
     rc = main(["--prepared_dir", str(prepared_dir), "--phantom_dir", str(phantom_dir), "--ckpt_dir", str(study_models),
                "--output", str(out), "--max_cases", "2", "--ddim_steps", "2", "--samples_per_attribute", "1",
                "--classifier_epochs", "1", "--extra_config", str(INFERENCE_TINY_CONFIG), "--remove_resample", "2",
-               "--blend", "poisson"])
+               "--blend", "feather"])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert res["note"].startswith("phantom data") and res["settings"]["n_cases"] == 2
@@ -78,10 +78,10 @@ def test_edit_study_end_to_end(study_models, prepared_dir, phantom_dir, tmp_path
         assert r["resample"] == 2 and np.isfinite(r["seam_excess"])
         side = json.loads((out / "samples" / f"remove_{mech}" / "r0_seed0.json").read_text())
         assert side["parameters"]["keep_resample"] == 2  # the study's options reached the inference run
-        assert side["parameters"]["keep_blend"] == "poisson"
-    assert res["settings"]["blend"] == "poisson"
+        assert side["parameters"]["keep_blend"] == "feather"
+    assert res["settings"]["blend"] == "feather"
     side = json.loads((out / "samples" / "keep" / "c0_seed0.json").read_text())
-    assert side["parameters"]["keep_blend"] == "poisson"  # the insertions too
+    assert side["parameters"]["keep_blend"] == "feather"  # the insertions too
     refs = res["removal_reference"]
     assert set(refs) == {"ring_fill", "sibling"}
     for name, r in refs.items():
@@ -141,3 +141,32 @@ def test_edit_study_bad_input_is_one_line_and_writes_nothing(study_models, prepa
     assert main(args) == 1
     assert "finding_annotations.csv: not found" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_density_with_a_breast_mask_is_paired_and_read(study_models, prepared_dir, tmp_path):
+    """The density-with-mask check: one test mask generated healthy at A-D (same seed), each read by the reader;
+    the summary follows from the per-case rows."""
+    from custom.engines.edit_study import _density_with_mask
+    from custom.metrics.attribute_classifier import DensityReader, dense_fraction
+
+    reader = DensityReader([0.2, 0.35, 0.5])
+    out = tmp_path / "dm"
+    res = _density_with_mask(Path(prepared_dir), 1, out, [str(CONFIGS / "inference.json"), str(INFERENCE_TINY_CONFIG)],
+                             study_models, 2, 0, reader, 32, with_view=True)
+    entry = json.loads((Path(prepared_dir) / "datalist.json").read_text())["test"][0]
+    assert res["n"] == 4 and res["n_masks"] == 1
+    rows = res["per_case"]
+    assert [r["requested"] for r in rows] == ["A", "B", "C", "D"] and {r["case_id"] for r in rows} == {entry["case_id"]}
+    for r in rows:
+        side = json.loads((out / f"d_{entry['case_id'][:12]}_{r['requested']}_seed0.json").read_text())
+        assert side["parameters"]["attributes"]["density"] == r["requested"]
+        assert side["parameters"]["attributes"]["view"] == entry["view"]  # the image's own view
+        assert side["conditions"]["num_lesions"] == 0  # healthy inside the given breast
+        with __import__("PIL.Image").Image.open(out / f"d_{entry['case_id'][:12]}_{r['requested']}_seed0.png") as im:
+            img = np.asarray(im).astype(np.float64) / 65535.0
+        fr = dense_fraction(img)
+        assert r["fraction"] == pytest.approx(fr, nan_ok=True) and r["read"] == reader.read([fr])[0]
+    assert res["accuracy"] == pytest.approx(np.mean([r["read"] == r["requested"] for r in rows]))
+    assert res["mean_fraction"]["C"] == pytest.approx(rows[2]["fraction"], nan_ok=True)
+    rho = res["spearman_requested_vs_fraction"]
+    assert rho is None or -1.0 <= rho <= 1.0

@@ -341,9 +341,9 @@ class EditSamplingInferer(GCDMSamplingInferer):
         if label.ndim == 3:
             label = label[None]
         r = label.shape[0]
-        sources = getattr(network, "token_sources", {}) or {}
-        if "attributes" in sources:
-            k = len(sources["attributes"].names)
+        names = tuple(getattr(network, "attribute_names", ()) or ())
+        if names:
+            k = len(names)
             if attributes is None:
                 attributes = torch.full((r, k), -1, dtype=torch.long)
             kwargs["attributes"] = attributes.to(label.device)
@@ -379,7 +379,8 @@ class MaskDropped(nn.Module):
     def __init__(self, network: nn.Module) -> None:
         super().__init__()
         self.network = network
-        for name in ("latent_channels", "max_lesions", "extra_concat_channels", "token_sources", "conditioner"):
+        for name in ("latent_channels", "max_lesions", "extra_concat_channels", "token_sources", "conditioner",
+                     "attribute_names", "time_attributes"):
             if hasattr(network, name):
                 object.__setattr__(self, name, getattr(network, name))
 

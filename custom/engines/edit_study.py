@@ -29,9 +29,9 @@ Steps (each through the bundle's own ``inference`` workflow, ``python -m monai.b
    lesion added to the truth), :func:`custom.metrics.fidelity.removal_error`; the segmenter's lesion pixels in the
    box before and after, and how many boxes it still "finds" a lesion in (>= 25 % of the box predicted lesion); the
    seam excess of the removed region against the truth's jump over the same boundary. ``--remove_resample U``
-   runs removal with RePaint resampling (inference's ``keep_resample``); ``--blend poisson`` pastes every edit
-   (insertion and removal) back with Poisson blending (inference's ``keep_blend``). Two references for the error, since a
-   generative fill can only give *a* plausible tissue, not the hidden one: the *ring-mean fill* (the region set
+   runs removal with RePaint resampling (inference's ``keep_resample``); ``--blend feather|poisson`` pastes every
+   edit (insertion and removal) back that way (inference's ``keep_blend``; default: inference's, poisson). Two
+   references for the error, since a generative fill can only give *a* plausible tissue, not the hidden one: the *ring-mean fill* (the region set
    to the mean of the source's 3-pixel ring around it, :func:`custom.metrics.fidelity.ring_fill`) and the
    *lesion-free texture sibling* (the phantom's lesion-free truth with an independent parenchymal texture, written
    as DICOM and read the same way, pasted into the region; texture seeds ``SIBLING_SEEDS``, averaged:
@@ -238,11 +238,13 @@ def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: s
                    ddim_steps: int = 20, samples_per_attribute: int = 2, seed: int = 0,
                    segmenter: str | None = None, classifier: str | None = None, classifier_epochs: int = 30,
                    extra_configs: Sequence[str] = (), params_file: str | None = None,
-                   remove_resample: int = 1, blend: str = "feather") -> dict[str, Any]:
+                   remove_resample: int = 1, blend: str | None = None, density_masks: int = 8) -> dict[str, Any]:
     """Run the study (see the module docstring) and write its files; returns the results dict."""
     start = time.time()
     remove_resample = option_int("remove_resample", remove_resample, 1, 100)
+    blend_opt = {} if blend is None else {"keep_blend": check_blend(blend)}  # None: inference's default
     blend = check_blend(blend)
+    density_masks = option_int("density_masks", density_masks, 0, 10**4)
     prepared, ckpt, out = Path(prepared_dir), Path(ckpt_dir), Path(output)
     seg_path = Path(segmenter) if segmenter else ckpt / "segmenter.pt"
     if classifier is not None and not Path(classifier).is_file():
@@ -278,7 +280,7 @@ def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: s
         for mode, configs in (("keep", default_cfg), ("inpaint", inpaint_cfg)):
             side = _infer(configs, ckpt, samples / mode, ddim_steps, mode=mode, image_file=case["dicom"],
                           lesion_box=case["box"], feature_file=str(feature_file), case_id=f"c{i}", seed=seed,
-                          keep_blend=blend)
+                          **blend_opt)
             rec = _rebuild("keep", side, case, str(feature_file), normaliser, [])
             region = np.asarray(rec.region, dtype=bool)
             lesion = np.asarray(rec.conditions.label) == 2
@@ -328,7 +330,7 @@ def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: s
         for i, case in enumerate(cases):
             side = _infer(configs, ckpt, samples / f"remove_{mech}", ddim_steps, mode="remove", image_file=case["dicom"],
                           lesion_box=case["box"], case_id=f"r{i}", seed=seed, keep_resample=remove_resample,
-                          keep_blend=blend)
+                          **blend_opt)
             rec = _rebuild("remove", side, case, None, normaliser, [])
             box = np.asarray(rec.extra["removed_lesion_model"], dtype=bool)
             region = np.asarray(rec.region, dtype=bool)
@@ -421,6 +423,9 @@ def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: s
             attribute["density_reader"] = {"thresholds": reader.thresholds, "fit_on": len(train_items),
                                            "image_size": model_size,
                                            "generated_read": {str(k): int(v) for k, v in zip(*np.unique(gen_read, return_counts=True))}}
+            attribute["density_with_mask"] = _density_with_mask(
+                prepared, density_masks, samples / "density_masks", default_cfg, ckpt, ddim_steps, seed, reader,
+                model_size, with_view="view" in asked)
     else:
         attribute = {"skipped": f"the default model reads no view/density attributes (it reads: {names or 'none'})",
                      "classifier": clf_source}
@@ -442,7 +447,8 @@ def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: s
         "settings": {"prepared_dir": str(prepared), "phantom_dir": str(phantom_dir), "ckpt_dir": str(ckpt),
                      "max_cases": int(max_cases), "n_cases": len(cases), "ddim_steps": int(ddim_steps), "seed": int(seed),
                      "samples_per_attribute": int(samples_per_attribute), "attribute_names": names,
-                     "remove_resample": remove_resample, "blend": blend, "sibling_texture_seeds": list(SIBLING_SEEDS),
+                     "remove_resample": remove_resample, "blend": blend, "density_masks": density_masks,
+                     "sibling_texture_seeds": list(SIBLING_SEEDS),
                      "ring_width": RING_WIDTH,
                      "segmenter": str(seg_path), "found_fraction": FOUND_FRACTION, "healthy_prompt": HEALTHY_PROMPT},
         "keep_vs_inpaint": keep_inpaint,
@@ -459,6 +465,52 @@ def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: s
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     (out / "results.md").write_text(format_tables(results))
     return results
+
+
+def _density_with_mask(prepared: Path, n_masks: int, out: Path, configs: Sequence[str], ckpt: Path, ddim_steps: int,
+                       seed: int, reader: DensityReader, model_size: int, with_view: bool) -> dict[str, Any]:
+    """Density control with the breast given (the issue's healthy generation (a)): the breast masks of the first
+    ``n_masks`` test images (label map > 0, lesions counted as breast), each generated healthy at every density A-D
+    (same seed, and the image's own view when the model reads view), read by the dense-fraction ``reader`` at the
+    model size. A paired design: per mask only the requested density changes. Returns the accuracy, the mean
+    fraction per requested class, the Spearman correlation between requested class and fraction, and the real
+    images' own reading for the same masks."""
+    from scipy.stats import spearmanr
+
+    from custom.data.attributes import attributes_from_entry
+
+    entries = json.loads((prepared / "datalist.json").read_text()).get("test", [])[: int(n_masks)]
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for item in entries:
+        attrs = attributes_from_entry({k: v for k, v in item.items() if k not in ("label", "source_image")})
+        with Image.open(prepared / item["label"]) as im:
+            breast = (np.asarray(im) > 0).astype(np.uint8) * 255
+        mask_path = out / f"{item['case_id']}_breast.png"
+        Image.fromarray(breast).save(mask_path)
+        real_fr = dense_fraction(load_images([str(prepared / item["image"])], model_size)[0, 0].numpy())
+        for density in HEADS["density"]:
+            text = f"density={density}" + (f",view={attrs['view']}" if with_view and attrs.get("view") else "")
+            cid = f"d_{item['case_id'][:12]}_{density}"
+            side = _infer(configs, ckpt, out, ddim_steps, mode="generate", breast_mask_file=str(mask_path),
+                          attributes=text, case_id=cid, seed=seed)
+            fr = dense_fraction(_png(side["png"]))
+            rows.append({"case_id": item["case_id"], "requested": density, "fraction": fr, "read": reader.read([fr])[0],
+                         "real_density": attrs.get("density"), "real_fraction": real_fr,
+                         "real_read": reader.read([real_fr])[0]})
+    if not rows:
+        return {"n": 0}
+    order = {c: k for k, c in enumerate(HEADS["density"])}
+    ok = [r for r in rows if np.isfinite(r["fraction"])]
+    rho = spearmanr([order[r["requested"]] for r in ok], [r["fraction"] for r in ok])[0] if len(ok) > 2 else None
+    return {
+        "n": len(rows), "n_masks": len(entries),
+        "accuracy": float(np.mean([r["read"] == r["requested"] for r in rows])),
+        "mean_fraction": {c: _nan_mean([r["fraction"] for r in rows if r["requested"] == c]) for c in HEADS["density"]},
+        "spearman_requested_vs_fraction": None if rho is None or not np.isfinite(rho) else float(rho),
+        "real_accuracy_same_masks": float(np.mean([r["real_read"] == r["real_density"] for r in rows[:: len(HEADS["density"])]])),
+        "per_case": rows,
+    }
 
 
 def _figures(out: Path, healthy: list[np.ndarray], fig: Mapping[str, Any]) -> dict[str, str]:
@@ -548,6 +600,13 @@ def format_tables(results: Mapping[str, Any]) -> str:
             lines.append(f"| {label} | {_f(g.get('accuracy'), 3)} (n={g.get('n', 0)}) | "
                          f"{_f(r.get('accuracy'), 3)} (n={r.get('n', 0)}) |")
         lines.append(f"\nAttribute classifier: {af['classifier']}.")
+        dm = af.get("density_with_mask") or {}
+        if dm.get("n"):
+            means = ", ".join(f"{c} {_f(v, 3)}" for c, v in dm["mean_fraction"].items())
+            lines.append(f"\nDensity with the breast mask given ({dm['n_masks']} test masks x A-D, paired): reader accuracy "
+                         f"{_f(dm['accuracy'], 3)} (n={dm['n']}; the real images of the same masks: "
+                         f"{_f(dm['real_accuracy_same_masks'], 3)}); mean dense fraction per requested class {means}; "
+                         f"Spearman(requested, fraction) {_f(dm['spearman_requested_vs_fraction'], 3)}.")
         if "skipped" in af.get("density_reader", {}):
             lines.append(f"Density reader: not fitted ({af['density_reader']['skipped']}).")
         elif "density_reader" in af:
@@ -573,8 +632,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--segmenter", default=None, help="default: <ckpt_dir>/segmenter.pt")
     ap.add_argument("--classifier", default=None, help="attribute classifier; default: train one on the training split")
     ap.add_argument("--classifier_epochs", type=int, default=30)
-    ap.add_argument("--blend", default="feather",
-                    help="how the keep/inpaint/remove edits are pasted back (inference's keep_blend: feather or poisson)")
+    ap.add_argument("--blend", default=None,
+                    help="how the keep/inpaint/remove edits are pasted back (inference's keep_blend: poisson, the "
+                         "default, or feather)")
+    ap.add_argument("--density_masks", default=8,
+                    help="test breast masks for the density-with-a-mask check (each generated healthy at A, B, C, D)")
     ap.add_argument("--remove_resample", default=1,
                     help="RePaint resampling of the removal runs (inference's keep_resample; 1 = plain DDIM)")
     ap.add_argument("--extra_config", default="", help="comma-separated configs merged after inference.json")
@@ -583,7 +645,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         res = run_edit_study(args.prepared_dir, args.phantom_dir, args.ckpt_dir, args.output, args.max_cases,
                              args.ddim_steps, args.samples_per_attribute, args.seed, args.segmenter, args.classifier,
                              args.classifier_epochs, [c for c in args.extra_config.split(",") if c],
-                             remove_resample=args.remove_resample, blend=args.blend)
+                             remove_resample=args.remove_resample, blend=args.blend,
+                             density_masks=args.density_masks)
     except MammoInputError as err:
         sys.stderr.write(f"ERROR: {' '.join(str(err).split())}\n")
         return 1

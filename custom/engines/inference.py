@@ -362,8 +362,8 @@ def check_sampling_options(ddim_steps: Any, guidance_scale: Any, ddim_eta: Any =
     ``keep_feather`` 0..10000, and when given ``num_samples`` / ``seed`` (as :func:`_seeds`), ``keep_dilation`` an
     integer >= 0 (its upper bound, the image size, is checked with the model), ``case_id`` (an output name) and
     ``keep_resample`` an integer 1..``MAX_RESAMPLE`` (above 1 only for an edit of a source image: ``mode`` keep,
-    inpaint or remove), ``keep_blend`` one of :data:`custom.transforms.blend.BLEND_MODES` (``poisson`` only for an
-    edit of a source image, as ``keep_resample``).
+    inpaint or remove), ``keep_blend`` one of :data:`custom.transforms.blend.BLEND_MODES` (given only for an edit of
+    a source image; ``None``: the default, ``poisson``).
     ``None`` skips a check. Raises one :class:`MammoInputError` naming the option."""
     t_max = MAX_STEPS
     if num_train_timesteps not in (None, ""):
@@ -387,9 +387,9 @@ def check_sampling_options(ddim_steps: Any, guidance_scale: Any, ddim_eta: Any =
                                                    f"{str(mode)[:20]!r} has none (use 1, or mode keep/inpaint/remove)")
     if keep_blend is not None:
         checked["keep_blend"] = check_blend(keep_blend)
-        if checked["keep_blend"] != "feather" and mode is not None and str(mode).lower() not in ("keep", "inpaint", "remove"):
-            raise MammoInputError("keep_blend", f"{checked['keep_blend']!r} blends an edited region into a source image; "
-                                                f"mode {str(mode)[:20]!r} has none (use feather, or mode keep/inpaint/remove)")
+        if mode is not None and str(mode).lower() not in ("keep", "inpaint", "remove"):
+            raise MammoInputError("keep_blend", f"blends an edited region into a source image; mode {str(mode)[:20]!r} "
+                                                "has none (leave keep_blend out, or use mode keep/inpaint/remove)")
     if case_id is not None:
         from custom.data.export import check_output_name  # (inner import as at its other use in this module)
 
@@ -397,11 +397,14 @@ def check_sampling_options(ddim_steps: Any, guidance_scale: Any, ddim_eta: Any =
     return checked
 
 
-def check_blend(blend: Any = "feather") -> str:
+def check_blend(blend: Any = None) -> str:
     """``keep_blend``: how a regenerated region is pasted back, one of :data:`custom.transforms.blend.BLEND_MODES`
-    (``feather``: the ``keep_feather`` ramp; ``poisson``: Poisson blending first, :mod:`custom.transforms.blend`)."""
+    (``feather``: the ``keep_feather`` ramp only; ``poisson``: Poisson blending first, :mod:`custom.transforms.blend`);
+    ``None`` = ``poisson``, the default since 0.8.0 (chosen by the edit study: bundle/docs/README.md)."""
     from custom.transforms.blend import BLEND_MODES
 
+    if blend is None:
+        return "poisson"
     value = str(blend).strip().lower() if isinstance(blend, str) else blend
     if value not in BLEND_MODES:
         raise MammoInputError("keep_blend", f"must be one of {', '.join(BLEND_MODES)}, got {str(blend)[:40]!r}")
@@ -771,7 +774,7 @@ class GCDMSamplingInferer(Inferer):
 
     def __init__(self, scheduler: Any, encoder: nn.Module, num_inference_steps: int = 50, guidance_scale: float = 3.0,
                  sigma: float = 1.5, eta: float | None = 0.0, feather: float = 2.0, progress: bool = True,
-                 compile: bool = False, sampler: str = "ddim", resample: int = 1, blend: str = "feather") -> None:
+                 compile: bool = False, sampler: str = "ddim", resample: int = 1, blend: str | None = None) -> None:
         super().__init__()
         self.sampler = check_sampler(sampler)
         if self.sampler == "pndm":
@@ -1028,8 +1031,7 @@ def sampling_parameters(inferer: GCDMSamplingInferer, *, model_path: str | None 
         params["keep_dilation_px"] = int(keep_dilation)
         params["keep_feather_px"] = inferer.feather
         params["keep_resample"] = int(getattr(inferer, "resample", 1))
-        if getattr(inferer, "blend", "feather") != "feather":  # (feather outputs keep their parameters as before)
-            params["keep_blend"] = inferer.blend
+        params["keep_blend"] = getattr(inferer, "blend", "feather")
     params.update(dict(extra or {}))
     return params
 

@@ -7,10 +7,16 @@ learned *null* row, used where the attribute is not given (code ``-1``) or dropp
 ``train()`` mode) every attribute is dropped to its null independently with its own rate (``drop_rates``), so at
 sampling time any subset of attributes can be given and the rest stay "unconditional" for that attribute.
 
-Why tokens and not FiLM (GBCI uses both): a token per attribute goes through the same cross-attention hook as the
-lesion tokens, needs no change of the MONAI ``DiffusionModelUNet`` (FiLM would need a scale/shift in every ResNet
-block, i.e. a fork of the UNet or its time embedding), gives each attribute its own null for per-attribute CFG
-dropping, and costs K tokens of attention. FiLM was not measured against it.
+Two ways into the UNet (``attribute_mode`` in ``configs/common.json``; GBCI uses cross-attention and FiLM):
+
+* ``tokens`` (default): :class:`AttributeTokens`, one cross-attention token per attribute through the same hook as
+  the lesion tokens (a ``token_sources`` entry), each with its own null for per-attribute CFG dropping.
+* ``time``: :class:`AttributeEmbedding`, the sum of the attributes' embeddings (same tables, same nulls, same
+  per-attribute dropping) added to the UNet's timestep embedding through MONAI ``DiffusionModelUNet``'s own
+  class-embedding hook (``class_embedding`` / ``class_labels``, ADM-style class conditioning). Every ResNet block
+  adds a projection of that embedding to its features: a global shift of every block, i.e. FiLM without the scale,
+  with no fork of the UNet. It suits a whole-image property (breast density) that a few attention tokens may not
+  reach. The edit study measures which one controls density (bundle/docs/README.md).
 
 Classifier-free guidance: :class:`~custom.networks.gcdm.GCDMNetwork` zeroes every extra token source for samples
 whose features *and* mask are dropped (its unconditional branch), so the guided sampler's unconditional prediction
@@ -26,7 +32,11 @@ from torch import nn
 
 from custom.data.attributes import ATTRIBUTES, NOT_GIVEN, check_attribute_names
 
-__all__ = ["AttributeTokens", "attribute_token_sources", "DEFAULT_ATTRIBUTE_DROP"]
+__all__ = ["AttributeTokens", "AttributeEmbedding", "attribute_token_sources", "time_attribute_names",
+           "check_attribute_mode", "ATTRIBUTE_MODES", "DEFAULT_ATTRIBUTE_DROP"]
+
+#: ``attribute_mode`` values (module docstring)
+ATTRIBUTE_MODES = ("tokens", "time")
 
 #: Training drop rate of an attribute not named in ``drop_rates``.
 DEFAULT_ATTRIBUTE_DROP = 0.1
@@ -104,11 +114,40 @@ class AttributeTokens(nn.Module):
         return f"names={self.names}, token_dim={self.token_dim}, drop_rates={self.drop_rates.tolist()}"
 
 
-def attribute_token_sources(names: Sequence[str] | None, token_dim: int,
-                            drop_rates: Mapping[str, float] | None = None) -> dict[str, nn.Module] | None:
-    """The ``token_sources`` argument of :class:`~custom.networks.gcdm.GCDMNetwork` for an attribute list:
-    ``{"attributes": AttributeTokens(...)}``, or ``None`` when ``names`` is empty (attributes off)."""
+class AttributeEmbedding(AttributeTokens):
+    """``(B, K)`` int64 attribute codes -> one ``(B, dim)`` vector, the sum of the K attribute embeddings (each
+    attribute's value row, or its null row where not given or dropped, exactly as :class:`AttributeTokens`).
+
+    Used as the ``class_embedding`` of MONAI's ``DiffusionModelUNet`` (``attribute_mode: "time"``): the UNet adds it
+    to its timestep embedding. Arguments as :class:`AttributeTokens`, with ``token_dim`` the UNet's time-embedding
+    width (``4 * channels[0]``)."""
+
+    def forward(self, codes: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(codes, drop).sum(dim=1)
+
+
+def check_attribute_mode(mode: object) -> str:
+    """``attribute_mode``: one of :data:`ATTRIBUTE_MODES`, else ``ValueError`` naming the option."""
+    value = str(mode).strip().lower() if isinstance(mode, str) else mode
+    if value not in ATTRIBUTE_MODES:
+        raise ValueError(f"attribute_mode: must be one of {', '.join(ATTRIBUTE_MODES)}, got {str(mode)[:40]!r}")
+    return value
+
+
+def time_attribute_names(names: Sequence[str] | None, mode: str = "tokens") -> tuple[str, ...]:
+    """The ``time_attributes`` argument of :class:`~custom.networks.gcdm.GCDMNetwork`: ``names`` when
+    ``mode == "time"``, else empty."""
     names = check_attribute_names(names, "attribute_names")
-    if not names:
+    return tuple(names) if check_attribute_mode(mode) == "time" else ()
+
+
+def attribute_token_sources(names: Sequence[str] | None, token_dim: int,
+                            drop_rates: Mapping[str, float] | None = None,
+                            mode: str = "tokens") -> dict[str, nn.Module] | None:
+    """The ``token_sources`` argument of :class:`~custom.networks.gcdm.GCDMNetwork` for an attribute list:
+    ``{"attributes": AttributeTokens(...)}``, or ``None`` when ``names`` is empty (attributes off) or ``mode`` is
+    ``time`` (the attributes then go into the time embedding, :func:`time_attribute_names`)."""
+    names = check_attribute_names(names, "attribute_names")
+    if not names or check_attribute_mode(mode) != "tokens":
         return None
     return {"attributes": AttributeTokens(names, token_dim, drop_rates)}

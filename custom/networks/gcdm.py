@@ -28,11 +28,15 @@ Extension points (set from the bundle config, no trainer change needed):
 * ``token_sources``: named modules producing more tokens, ``source(inputs) -> (B, T, token_dim)``; each reads the
   keyword argument of its own name from ``forward(**extra_inputs)`` (e.g. ``clinical=...``), and its tokens are
   zeroed for samples where both features and mask are dropped (the unconditional branch).
+* ``time_attributes``: clinical attributes added to the UNet's timestep embedding instead
+  (:class:`~custom.networks.attributes.AttributeEmbedding` as the UNet's ``class_embedding``, MONAI's own hook); they
+  read ``forward(attributes=(B, K) codes)`` at every call (also with a precomputed ``context``), and samples whose
+  features and mask are both dropped get every attribute's null.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -61,6 +65,8 @@ class GCDMNetwork(nn.Module):
         max_lesions: lesion slots ``L`` per image.
         extra_concat_channels: further concatenated input channels (``extra_concat`` in :meth:`forward`).
         token_sources: optional name -> module producing extra ``(B, T, token_dim)`` tokens (see module docstring).
+        time_attributes: attribute names added to the timestep embedding (``attribute_mode: "time"``); empty = none.
+        time_attribute_drop: their per-attribute training drop rates (as ``AttributeTokens``).
         spatial_dims: 2.
         channels_last: run the UNet in ``torch.channels_last`` memory format (a speed switch on GPUs).
 
@@ -82,6 +88,8 @@ class GCDMNetwork(nn.Module):
         token_sources: Mapping[str, nn.Module] | None = None,
         spatial_dims: int = 2,
         channels_last: bool = False,
+        time_attributes: Sequence[str] = (),
+        time_attribute_drop: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         from monai.networks.nets import DiffusionModelUNet
@@ -122,6 +130,16 @@ class GCDMNetwork(nn.Module):
         self.token_sources = nn.ModuleDict(dict(token_sources or {}))
         if "lesion" in self.token_sources:
             raise ValueError("GCDMNetwork: 'lesion' is the lesion-token source's name; choose another")
+        self.time_attributes: tuple[str, ...] = tuple(time_attributes or ())
+        if self.time_attributes:
+            from .attributes import AttributeEmbedding
+
+            if "attributes" in self.token_sources:
+                raise ValueError("GCDMNetwork: attributes as tokens and in the time embedding at once; choose one")
+            width = int(self.unet.time_embed[-1].out_features)
+            # MONAI's class-conditioning hook: forward adds class_embedding(class_labels) to the time embedding
+            self.unet.class_embedding = AttributeEmbedding(self.time_attributes, width, time_attribute_drop)
+            self.unet.num_class_embeds = len(self.time_attributes)
         if self.channels_last:
             self.unet.to(memory_format=torch.channels_last)
 
@@ -230,7 +248,25 @@ class GCDMNetwork(nn.Module):
             raise ValueError(
                 f"GCDMNetwork: context must be (B={x.shape[0]}, T, {self.token_dim}), got {tuple(context.shape)}"
             )
-        return self.unet(h, timesteps, context=context.to(h.dtype))
+        if not self.time_attributes:
+            return self.unet(h, timesteps, context=context.to(h.dtype))
+        codes = extra_inputs.get("attributes")
+        if codes is None or codes.ndim != 2 or codes.shape != (x.shape[0], len(self.time_attributes)):
+            got = None if codes is None else tuple(codes.shape)
+            raise ValueError(f"GCDMNetwork: attributes (B={x.shape[0]}, {len(self.time_attributes)}) codes expected for "
+                             f"{list(self.time_attributes)}, got {got}")
+        if drop_features is not None and drop_mask is not None:  # the unconditional branch: every attribute's null
+            both = (drop_features.to(torch.bool) & drop_mask.to(torch.bool)).to(codes.device)
+            codes = torch.where(both[:, None], torch.full_like(codes, -1), codes)
+        return self.unet(h, timesteps, context=context.to(h.dtype), class_labels=codes)
+
+    @property
+    def attribute_names(self) -> tuple[str, ...]:
+        """The clinical attributes the network reads (as tokens or in the time embedding), in code order."""
+        if self.time_attributes:
+            return self.time_attributes
+        src = self.token_sources["attributes"] if "attributes" in self.token_sources else None
+        return tuple(src.names) if src is not None else ()
 
     def extra_repr(self) -> str:
         return (
