@@ -4,7 +4,8 @@ Reads the loss-curve CSVs the training handlers write (``runs/autoencoder/loss_c
 ``runs/diffusion/losses.csv``) and plots them (``loss_curves.png``); copies the latest stage-2 sample grid
 (``runs/diffusion/samples/*.png``) to ``sample_grid.png``, the latest stage-1 reconstruction grid to
 ``reconstruction_grid.png`` and the latest evaluation figure grid to ``evaluation_grid.png``. With
-``--diversity_eval EVAL_DIR --prepared_dir P`` it also draws ``diversity_grid.png`` (:func:`diversity_figure`).
+``--diversity_eval EVAL_DIR --prepared_dir P`` it also draws ``diversity_grid.png`` (:func:`diversity_figure`); with
+``--cohort DIR`` (a ``synthesize`` output folder) ``synthetic_cohort.png`` (:func:`cohort_figure`).
 """
 
 from __future__ import annotations
@@ -132,6 +133,61 @@ def diversity_figure(eval_dir: str | Path, prepared_dir: str | Path, output: str
     return target
 
 
+def cohort_figure(cohort_dir: str | Path, output: str | Path, n_images: int = 16, columns: int = 8) -> Path:
+    """The first ``n_images`` images of a synthetic cohort (``synthesize`` output: ``datalist.json`` + ``images/`` +
+    ``labels/``), each with the outline of its breast condition (cyan) and of its lesion condition (red), and its
+    lesion count and malignancy in the title; the cohort's model (SHA-256 prefix, from ``synthesis.json``) in the
+    figure title.
+
+    Raises:
+        ValueError: no ``datalist.json`` or no image in it.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    root = Path(cohort_dir)
+    try:
+        datalist = json.loads((root / "datalist.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{root / 'datalist.json'}: not a synthetic cohort's datalist ({err})") from None
+    records = [r for split in ("training", "validation", "test") for r in datalist.get(split, [])][: int(n_images)]
+    if not records:
+        raise ValueError(f"{root / 'datalist.json'}: no image")
+    try:
+        model = json.loads((root / "synthesis.json").read_text())["identity"]["model_sha256"][:12]
+    except (OSError, ValueError, KeyError, TypeError):
+        model = "unknown model"
+    cols = min(int(columns), len(records))
+    rows = -(-len(records) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.95 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, rec in zip(axes.ravel(), records):
+        with Image.open(root / rec["image"]) as im:
+            image = np.asarray(im, dtype=np.float32) / float(np.iinfo(np.asarray(im).dtype).max)
+        with Image.open(root / rec["label"]) as im:
+            label = np.asarray(im)
+        ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+        if (label >= 1).any():
+            ax.contour(label >= 1, levels=[0.5], colors="cyan", linewidths=0.5)
+        if (label == 2).any():
+            ax.contour(label == 2, levels=[0.5], colors="red", linewidths=0.6)
+        n = int(rec.get("num_lesions", 0))
+        ax.set_title(f"{n} lesion{'s' if n != 1 else ''}" + (f", {rec['malignancy']}" if n and rec.get("malignancy") else ""),
+                     fontsize=7)
+    fig.suptitle(f"Synthetic cohort (model {model}): cyan = breast condition, red = lesion condition", fontsize=9)
+    fig.tight_layout()
+    target = Path(output)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return target
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default="runs")
@@ -139,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--diversity_eval", default=None,
                     help="an evaluate output folder: also write diversity_grid.png (needs --prepared_dir; phantom only)")
     ap.add_argument("--prepared_dir", default=None)
+    ap.add_argument("--cohort", default=None, help="a synthesize output folder: also write synthetic_cohort.png")
     args = ap.parse_args(argv)
     if args.diversity_eval and not args.prepared_dir:
         ap.error("--diversity_eval needs --prepared_dir")
@@ -147,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     written = [plot_loss_curves(runs, output)]
     if args.diversity_eval:
         written.append(diversity_figure(args.diversity_eval, args.prepared_dir, output / "diversity_grid.png"))
+    if args.cohort:
+        written.append(cohort_figure(args.cohort, output / "synthetic_cohort.png"))
     evaluation = sorted((runs / "evaluation").glob("*/figure_grid.png"), key=lambda p: p.stat().st_mtime)
     for src, name in ((_latest(runs / "diffusion" / "samples"), "sample_grid.png"),
                       (runs / "autoencoder" / "reconstruction_latest.png", "reconstruction_grid.png"),

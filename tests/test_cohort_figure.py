@@ -1,0 +1,59 @@
+"""The synthetic-cohort figure (custom.engines.figures.cohort_figure) on a hand-made cohort folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def _cohort(root: Path, n: int) -> None:
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    records = []
+    for i in range(n):
+        image = np.full((32, 32), 1000 * (i + 1), dtype=np.uint16)
+        label = np.zeros((32, 32), dtype=np.uint8)
+        label[4:28, 0:20] = 1
+        if i % 2:
+            label[10:14, 8:12] = 2
+        Image.fromarray(image).save(root / "images" / f"s{i}.png")
+        Image.fromarray(label).save(root / "labels" / f"s{i}.png")
+        records.append({"case_id": f"s{i}", "image": f"images/s{i}.png", "label": f"labels/s{i}.png",
+                        "num_lesions": i % 2, "malignancy": "benign" if i % 2 else None})
+    (root / "datalist.json").write_text(json.dumps({"training": records[:-1], "validation": records[-1:], "test": []}))
+    (root / "synthesis.json").write_text(json.dumps({"identity": {"model_sha256": "ab" * 32}}))
+
+
+def test_cohort_figure_draws_the_first_images(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from custom.engines import figures
+
+    _cohort(tmp_path / "cohort", 5)
+    titles = []
+    import matplotlib.axes
+
+    orig = matplotlib.axes.Axes.set_title
+
+    def spy(self, label, *a, **k):
+        titles.append(label)
+        return orig(self, label, *a, **k)
+
+    matplotlib.axes.Axes.set_title = spy
+    try:
+        out = figures.cohort_figure(tmp_path / "cohort", tmp_path / "fig" / "cohort.png", n_images=4, columns=3)
+    finally:
+        matplotlib.axes.Axes.set_title = orig
+    assert out.is_file() and Image.open(out).format == "PNG"
+    # the first 4 images in split order (training first), lesion counts from the datalist
+    assert titles == ["0 lesions", "1 lesion, benign", "0 lesions", "1 lesion, benign"]
+    with pytest.raises(ValueError, match="datalist.json"):
+        figures.cohort_figure(tmp_path / "nothing", tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+    figures.main(["--runs", str(tmp_path / "no_runs"), "--output", str(tmp_path / "docs"), "--cohort", str(tmp_path / "cohort")])
+    assert (tmp_path / "docs" / "synthetic_cohort.png").is_file()
