@@ -5,7 +5,8 @@ Reads the loss-curve CSVs the training handlers write (``runs/autoencoder/loss_c
 (``runs/diffusion/samples/*.png``) to ``sample_grid.png``, the latest stage-1 reconstruction grid to
 ``reconstruction_grid.png`` and the latest evaluation figure grid to ``evaluation_grid.png``. With
 ``--diversity_eval EVAL_DIR --prepared_dir P`` it also draws ``diversity_grid.png`` (:func:`diversity_figure`); with
-``--cohort DIR`` (a ``synthesize`` output folder) ``synthetic_cohort.png`` (:func:`cohort_figure`).
+``--cohort DIR`` (a ``synthesize`` output folder) ``synthetic_cohort.png`` (:func:`cohort_figure`); with
+``--density_studies DIR[=label] ...`` (``edit_study`` output folders) ``density_control.png`` (:func:`density_figure`).
 """
 
 from __future__ import annotations
@@ -188,6 +189,61 @@ def cohort_figure(cohort_dir: str | Path, output: str | Path, n_images: int = 16
     return target
 
 
+def density_figure(studies: list[tuple[str | Path, str]], output: str | Path, n_masks: int = 2) -> Path:
+    """Density control with a breast mask, side by side for several edit studies (e.g. attribute tokens vs the
+    time-embedding mode): for each study (``(folder, label)``) and each of its first ``n_masks`` masks, one row of the
+    healthy images generated at density A, B, C, D (``samples/density_masks``), each titled with its dense-tissue
+    fraction and the reader's class, the row titled with the real image's density and fraction.
+
+    Raises:
+        ValueError: a folder without the study's ``results.json`` or without the density-with-mask check.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    rows = []
+    for folder, label in studies:
+        root = Path(folder)
+        try:
+            res = json.loads((root / "results.json").read_text())
+            per_case = res["attribute_fidelity"]["density_with_mask"]["per_case"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{root}: not an edit study with the density-with-mask check ({err!r})") from None
+        cases: dict[str, list[dict]] = {}
+        for r in per_case:
+            cases.setdefault(r["case_id"], []).append(r)
+        for case_id, rs in list(cases.items())[: int(n_masks)]:
+            rows.append((root, label, case_id, rs))
+    if not rows:
+        raise ValueError("density_figure: no mask in the given studies")
+    cols = max(len(r[3]) for r in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.7 * cols, 1.95 * len(rows)), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i, (root, label, case_id, rs) in enumerate(rows):
+        for j, r in enumerate(rs):
+            path = root / "samples" / "density_masks" / f"d_{case_id[:12]}_{r['requested']}_seed0.png"
+            with Image.open(path) as im:
+                image = np.asarray(im, dtype=np.float32) / 65535.0
+            ax = axes[i, j]
+            ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+            ax.set_title(f"asked {r['requested']}: {r['fraction']:.2f} -> {r['read']}", fontsize=7)
+        axes[i, 0].text(-0.08, 0.5, f"{label}\nreal {rs[0]['real_density']} ({rs[0]['real_fraction']:.2f})", fontsize=7,
+                        rotation=90, va="center", ha="right", transform=axes[i, 0].transAxes)
+    fig.suptitle("Density asked for with a breast mask: dense-tissue fraction -> class read "
+                 "(phantom; reader thresholds 0.20 / 0.35 / 0.50)", fontsize=8)
+    fig.tight_layout()
+    target = Path(output)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return target
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default="runs")
@@ -196,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="an evaluate output folder: also write diversity_grid.png (needs --prepared_dir; phantom only)")
     ap.add_argument("--prepared_dir", default=None)
     ap.add_argument("--cohort", default=None, help="a synthesize output folder: also write synthetic_cohort.png")
+    ap.add_argument("--density_studies", nargs="+", default=None, metavar="DIR[=label]",
+                    help="edit_study output folders: also write density_control.png (one row per study and mask)")
     args = ap.parse_args(argv)
     if args.diversity_eval and not args.prepared_dir:
         ap.error("--diversity_eval needs --prepared_dir")
@@ -206,6 +264,9 @@ def main(argv: list[str] | None = None) -> None:
         written.append(diversity_figure(args.diversity_eval, args.prepared_dir, output / "diversity_grid.png"))
     if args.cohort:
         written.append(cohort_figure(args.cohort, output / "synthetic_cohort.png"))
+    if args.density_studies:
+        studies = [(d.partition("=")[0], d.partition("=")[2] or Path(d).name) for d in args.density_studies]
+        written.append(density_figure(studies, output / "density_control.png"))
     evaluation = sorted((runs / "evaluation").glob("*/figure_grid.png"), key=lambda p: p.stat().st_mtime)
     for src, name in ((_latest(runs / "diffusion" / "samples"), "sample_grid.png"),
                       (runs / "autoencoder" / "reconstruction_latest.png", "reconstruction_grid.png"),

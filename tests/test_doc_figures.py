@@ -1,4 +1,4 @@
-"""The synthetic-cohort figure (custom.engines.figures.cohort_figure) on a hand-made cohort folder."""
+"""Doc figures of custom.engines.figures: the synthetic cohort and the density-control rows, on hand-made folders."""
 
 from __future__ import annotations
 
@@ -57,3 +57,43 @@ def test_cohort_figure_draws_the_first_images(tmp_path):
     assert not (tmp_path / "x.png").exists()
     figures.main(["--runs", str(tmp_path / "no_runs"), "--output", str(tmp_path / "docs"), "--cohort", str(tmp_path / "cohort")])
     assert (tmp_path / "docs" / "synthetic_cohort.png").is_file()
+
+
+def test_density_figure_rows_per_study_and_mask(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.axes
+
+    from custom.engines import figures
+
+    root = tmp_path / "study"
+    (root / "samples" / "density_masks").mkdir(parents=True)
+    rows = []
+    for case in ("c" * 20, "d" * 20):
+        for k, dens in enumerate("ABCD"):
+            img = np.full((16, 16), 10000 * (k + 1), dtype=np.uint16)
+            Image.fromarray(img).save(root / "samples" / "density_masks" / f"d_{case[:12]}_{dens}_seed0.png")
+            rows.append({"case_id": case, "requested": dens, "fraction": 0.1 * (k + 1), "read": dens,
+                         "real_density": "B", "real_fraction": 0.3})
+    (root / "results.json").write_text(json.dumps({"attribute_fidelity": {"density_with_mask": {"per_case": rows}}}))
+    titles = []
+    orig = matplotlib.axes.Axes.set_title
+
+    def spy(self, label, *a, **k):
+        titles.append(label)
+        return orig(self, label, *a, **k)
+
+    matplotlib.axes.Axes.set_title = spy
+    try:
+        out = figures.density_figure([(root, "one"), (root, "two")], tmp_path / "d.png", n_masks=1)
+    finally:
+        matplotlib.axes.Axes.set_title = orig
+    assert out.is_file()
+    # one row per study (first mask only), A..D with the fraction and the class read
+    assert titles == ["asked A: 0.10 -> A", "asked B: 0.20 -> B", "asked C: 0.30 -> C", "asked D: 0.40 -> D"] * 2
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "results.json").write_text(json.dumps({"attribute_fidelity": {"skipped": "no attributes"}}))
+    with pytest.raises(ValueError, match="density-with-mask"):
+        figures.density_figure([(tmp_path / "bad", "x")], tmp_path / "e.png")
+    assert not (tmp_path / "e.png").exists()
