@@ -15,6 +15,19 @@ BUNDLE = REPO / "bundle"
 RADIOMICS_PARAMS = BUNDLE / "configs" / "radiomics_params.yaml"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a whole test module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    the tests' tensors are tiny, and one thread is faster and immune to oversubscription on a loaded 2-core machine.
+    Opt-in, not autouse: the bench smoke test sets its own thread counts."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory) -> Path:
     from custom.data.phantom import generate_phantom_dataset

@@ -53,13 +53,7 @@ def _find(err: BaseException, kind: type) -> BaseException:
     raise AssertionError(f"no {kind.__name__} in the exception chain: {[type(e).__name__ for e in _cause_chain(err)]}")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to oversubscription on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,7 @@ INPAINT = [str(CONFIGS / "inference.json"), str(CONFIGS / "inference_inpaint.jso
 ATTRS = ["view", "density", "area"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ------------------------------------------------------------------------------------------------ measurements

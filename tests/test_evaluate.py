@@ -30,12 +30,7 @@ TINY = REPO / "tests" / "configs" / "inf_tiny.json"
 CONFIG_LIST = [str(EVALUATE), str(TINY)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

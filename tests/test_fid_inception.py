@@ -13,12 +13,7 @@ from custom.metrics.frechet import frechet_distance, frechet_distance_from_featu
 from custom.metrics.inception import FIDInceptionV3, clean_resize, inception_features, load_fid_inception
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # a full-size Inception: one thread avoids oversubscribing a shared 2-core machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,7 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _images(n: int, seed: int):
@@ -132,3 +127,8 @@ def test_dense_fraction_and_density_reader_hand_made():
         DensityReader.fit([0.9, 0.3, 0.5, 0.7], ["A", "B", "C", "D"])
     with pytest.raises(ValueError, match="increasing finite thresholds"):
         DensityReader([0.5, 0.2, 0.7])
+
+
+def test_the_module_runs_with_one_torch_thread():
+    """The opt-in conftest fixture is active for a module that asks for it."""
+    assert torch.get_num_threads() == 1

@@ -22,12 +22,7 @@ from test_sampling_speed import _StubEncoder, conditions, scheduler, tiny_networ
 CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def pndm() -> PNDMScheduler:

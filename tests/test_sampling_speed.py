@@ -16,12 +16,7 @@ import torch
 from custom.engines.sampling import ddim_sample, draw_noise, row_generators
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _perturb(net: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:
