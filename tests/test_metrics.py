@@ -441,3 +441,17 @@ def test_published_frd_runs_frd_score_on_8bit_png_folders(tmp_path, monkeypatch)
     monkeypatch.setattr(frd_score, "compute_frd", lambda *a, **k: float("-inf"))  # what it returns for identical sets
     same = published_frd(imgs[:2], imgs[:2])
     assert same["frd"] is None and "identical" in same["note"]  # log(0) is reported, not written as -inf
+
+
+def test_batch_2d_shapes_and_errors():
+    from custom.metrics.arrays import as_numpy, batch_2d
+
+    a = np.arange(12).reshape(3, 4)
+    assert batch_2d(a, "x").shape == (1, 3, 4) and np.array_equal(batch_2d(a, "x")[0], a)
+    assert batch_2d(torch.zeros(2, 1, 3, 4), "x").shape == (2, 3, 4)
+    assert batch_2d(np.zeros((2, 3, 4), np.uint8), "x").dtype == np.uint8  # dtype kept
+    with pytest.raises(ValueError, match=r"^masks: expected \(H, W\), \(B, H, W\) or \(B, 1, H, W\)"):
+        batch_2d(np.zeros((2, 2, 3, 4)), "masks")
+    from monai.data import MetaTensor
+
+    assert isinstance(as_numpy(MetaTensor(torch.ones(2))), np.ndarray)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice
 
+from custom.metrics.arrays import as_numpy, batch_2d
 from custom.transforms.masks import BACKGROUND, BREAST, LESION, breast_mask, label_map
 
 __all__ = [
@@ -45,27 +46,13 @@ CLASS_NAMES = {BACKGROUND: "background", BREAST: "breast", LESION: "lesion"}
 NUM_CLASSES = 3
 
 
-def _numpy(x: Any) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu()
-        x = x.as_tensor() if hasattr(x, "as_tensor") else x
-        return x.numpy()
-    return np.asarray(x)
-
-
 def _none_if_nan(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
 def _label_batch(x: Any, name: str) -> np.ndarray:
     """``(H, W)`` / ``(B, H, W)`` / ``(B, 1, H, W)`` integer label maps -> ``(B, H, W)`` int64, values checked."""
-    arr = _numpy(x)
-    if arr.ndim == 4 and arr.shape[1] == 1:
-        arr = arr[:, 0]
-    if arr.ndim == 2:
-        arr = arr[None]
-    if arr.ndim != 3:
-        raise ValueError(f"{name}: expected (H, W) or (B, H, W) label maps, got shape {arr.shape}")
+    arr = batch_2d(x, name)
     if arr.dtype.kind == "f":
         if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
             raise ValueError(f"{name}: label maps must hold integer class indices")
@@ -180,7 +167,7 @@ def lesion_dice(pred_masks: Any, true_masks: Any) -> np.ndarray:
         float64 ``(B,)`` in [0, 1]; NaN for an image whose true mask is empty (MONAI's ``ignore_empty``
         convention: Dice is undefined without a target lesion), whatever the prediction.
     """
-    p, t = _numpy(pred_masks), _numpy(true_masks)
+    p, t = as_numpy(pred_masks), as_numpy(true_masks)
     if p.ndim == 2:
         p = p[None]
     if t.ndim == 2:
@@ -227,8 +214,8 @@ def segment_generated(
     Returns:
         ``(H, W)`` uint8 label map: 0 background, 1 breast, 2 lesion; the lesion is kept only inside the breast.
     """
-    img = _numpy(image).astype(np.float32)
-    prob = _numpy(lesion_prob_or_mask)
+    img = as_numpy(image).astype(np.float32)
+    prob = as_numpy(lesion_prob_or_mask)
     img = img[0] if img.ndim == 3 and img.shape[0] == 1 else img
     prob = prob[0] if prob.ndim == 3 and prob.shape[0] == 1 else prob
     if img.ndim != 2 or prob.shape != img.shape:
@@ -236,7 +223,7 @@ def segment_generated(
     breast = breast_mask(img, border=border, threshold=breast_threshold)
     lesion = (prob.astype(np.float32) > threshold) & breast
     if roi is not None:
-        roi = _numpy(roi)
+        roi = as_numpy(roi)
         roi = roi[0] if roi.ndim == 3 and roi.shape[0] == 1 else roi
         if roi.shape != img.shape:
             raise ValueError(f"roi shape {roi.shape} does not match the image {img.shape}")
@@ -250,7 +237,7 @@ def lesion_box_roi(lesion_mask: Any, margin: int = 4) -> np.ndarray:
     pixels and clamped to the image. Returns ``(H, W)`` bool (all False without a lesion)."""
     from scipy import ndimage
 
-    m = _numpy(lesion_mask)
+    m = as_numpy(lesion_mask)
     m = m[0] if m.ndim == 3 and m.shape[0] == 1 else m
     if m.ndim != 2:
         raise ValueError(f"expected an (H, W) lesion mask, got shape {m.shape}")
@@ -287,8 +274,8 @@ def controllability_metrics(
         :meth:`ConfusionAccumulator.report` plus ``mass_dice_{mean,std,median,min,max,n,n_undefined}`` of the
         per-image lesion Dice (images without a true lesion are undefined and left out).
     """
-    imgs = _numpy(images)
-    probs = _numpy(lesion_probs_or_masks)
+    imgs = as_numpy(images)
+    probs = as_numpy(lesion_probs_or_masks)
     true = _label_batch(true_labels, "true_labels")
     imgs = imgs[:, 0] if imgs.ndim == 4 else imgs
     probs = probs[:, 0] if probs.ndim == 4 else probs

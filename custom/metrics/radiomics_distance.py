@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from custom.errors import MammoInputError
+from custom.metrics.arrays import as_numpy, batch_2d
 from custom.metrics.frechet import frechet_distance_from_features
 from custom.transforms.masks import breast_mask, lesion_instances_from_mask
 
@@ -56,25 +56,6 @@ logger = logging.getLogger(__name__)
 #: ``bundle/configs/radiomics_params.yaml`` of this repository (the file the condition vectors are built with).
 DEFAULT_PARAMS_FILE = Path(__file__).resolve().parents[2] / "bundle" / "configs" / "radiomics_params.yaml"
 REGIONS = ("lesion", "breast")
-
-
-def _numpy(x: Any) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu()
-        x = x.as_tensor() if hasattr(x, "as_tensor") else x
-        return x.numpy()
-    return np.asarray(x)
-
-
-def _batch_2d(x: Any, name: str) -> np.ndarray:
-    arr = _numpy(x)
-    if arr.ndim == 4 and arr.shape[1] == 1:
-        arr = arr[:, 0]
-    if arr.ndim == 2:
-        arr = arr[None]
-    if arr.ndim != 3:
-        raise ValueError(f"{name}: expected (H, W), (B, H, W) or (B, 1, H, W), got shape {arr.shape}")
-    return arr
 
 
 def extract_radiomic_features(
@@ -101,11 +82,11 @@ def extract_radiomic_features(
 
     if region not in REGIONS:
         raise ValueError(f"region must be one of {REGIONS}, got {region!r}")
-    imgs = _batch_2d(images, "images").astype(np.float64)
+    imgs = batch_2d(images, "images").astype(np.float64)
     if region == "lesion":
         if lesion_masks is None:
             raise ValueError("region='lesion' needs lesion_masks")
-        masks = _batch_2d(lesion_masks, "lesion_masks")
+        masks = batch_2d(lesion_masks, "lesion_masks")
         if masks.shape != imgs.shape:
             raise ValueError(f"lesion masks {masks.shape} and images {imgs.shape} differ in shape")
     if not np.all(np.isfinite(imgs)):
