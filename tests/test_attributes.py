@@ -320,3 +320,63 @@ def test_phantom_writes_lesion_free_dicoms(phantom_dir):
         assert a.shape == b.shape and (a != b).any() and np.mean(a == b) > 0.9
         assert "LESION-FREE" in str(pydicom.dcmread(f, stop_before_pixels=True).SeriesDescription)
         assert attributes_from_dicom(src)["manufacturer"] in ("siemens", "hologic", "ge")
+
+
+@pytest.mark.parametrize("mode", ["tokens", "time"])
+def test_attribute_guidance_is_the_two_term_formula(mode):
+    """guided_noise with attribute_guidance s_a equals eps_u + s (eps_n - eps_u) + s_a (eps_c - eps_n) built from
+    three separate network calls; s_a == s is plain CFG; a sampler run gives the same latents with the context
+    computed once or at every step."""
+    from monai.networks.schedulers import DDIMScheduler
+
+    from custom.engines.sampling import ddim_sample, guided_noise
+
+    torch.manual_seed(2)
+    net = _tiny_network(["view", "density"], mode).eval()
+    with torch.no_grad():
+        for param in net.parameters():
+            param.add_(torch.randn_like(param) * 0.2)
+    b = 2
+    x, t = torch.randn(b, 2, 8, 8), torch.tensor([100, 600])
+    codes = torch.tensor([[0, 3], [1, -1]])
+    cond = dict(mask_latent=None, features=torch.zeros(b, 1, 67), lesion_masks=torch.zeros(b, 1, 8, 8),
+                lesion_present=torch.zeros(b, 1), attributes=codes)
+    no, yes = torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)
+    with torch.no_grad():
+        eps_c = net(x, t, drop_features=no, drop_mask=no, **cond)
+        eps_u = net(x, t, drop_features=yes, drop_mask=yes, **cond)
+        eps_n = net(x, t, drop_features=no, drop_mask=no, **{**cond, "attributes": torch.full_like(codes, -1)})
+        s, sa = 3.0, 7.0
+        got = guided_noise(net, x, t, cond, s, attribute_guidance=sa)
+        # (batched 3B vs single forwards differ by ~2e-6, amplified by the scales)
+        assert torch.allclose(got, eps_u + s * (eps_n - eps_u) + sa * (eps_c - eps_n), atol=1e-4)
+        assert (got - guided_noise(net, x, t, cond, s)).abs().max() > 1e-2  # it does change the guidance
+        assert torch.allclose(guided_noise(net, x, t, cond, s, attribute_guidance=s), guided_noise(net, x, t, cond, s),
+                              atol=1e-4)
+        sched = DDIMScheduler(1000, schedule="scaled_linear_beta", clip_sample=False)
+        kw = dict(features=cond["features"], lesion_masks=cond["lesion_masks"], lesion_present=cond["lesion_present"],
+                  num_inference_steps=3, guidance_scale=s, seed=[0, 1], progress=False, attributes=codes,
+                  attribute_guidance=sa)
+        once = ddim_sample(net, sched, torch.zeros(b, 0, 8, 8), **kw).latents
+        every = ddim_sample(net, sched, torch.zeros(b, 0, 8, 8), context_once=False, **kw).latents
+        assert torch.allclose(once, every, atol=1e-5)
+
+
+def test_attribute_guidance_option_checks():
+    from monai.networks.schedulers import DDIMScheduler
+
+    from custom.engines.edit import EditSamplingInferer
+    from custom.engines.inference import GCDMSamplingInferer, check_sampling_options
+
+    assert check_sampling_options(20, 3.0, attribute_guidance="5")["attribute_guidance"] == 5.0
+    for bad in (-1, "nan", 101, "x"):
+        with pytest.raises(MammoInputError, match="^attribute_guidance: "):
+            check_sampling_options(20, 3.0, attribute_guidance=bad)
+    with pytest.raises(MammoInputError, match="attribute_guidance"):
+        GCDMSamplingInferer(DDIMScheduler(1000), torch.nn.Linear(1, 1), attribute_guidance=-2)
+    inferer = EditSamplingInferer(DDIMScheduler(1000), torch.nn.Linear(1, 1), num_inference_steps=2, progress=False,
+                                  attribute_guidance=5)
+    plain = _tiny_network(["view"], "tokens")
+    plain.token_sources = torch.nn.ModuleDict()  # a model without attributes
+    with pytest.raises(MammoInputError, match="^attribute_guidance: the model was trained without attributes"):
+        inferer(torch.zeros(1, 1, 8, 8), plain)

@@ -349,6 +349,8 @@ class EditSamplingInferer(GCDMSamplingInferer):
             kwargs["attributes"] = attributes.to(label.device)
         elif attributes is not None:
             raise MammoInputError("attributes", "the model was trained without attributes")
+        elif self.attribute_guidance is not None:
+            raise MammoInputError("attribute_guidance", "the model was trained without attributes: nothing to guide")
         if mask_free:
             network = MaskDropped(network)
         mode = (edit_mode or ("keep" if known_image is not None else "generate")).lower()

@@ -83,7 +83,7 @@ from custom.metrics.attribute_classifier import (
     save_classifier,
     train_attribute_classifier,
 )
-from custom.errors import option_int
+from custom.errors import option_float, option_int
 from custom.metrics.diversity_reference import write_lesion_free_sibling
 from custom.metrics.fidelity import attribute_accuracy, removal_error, ring_fill, seam_score
 from custom.metrics.radiomics_distance import DEFAULT_PARAMS_FILE, frechet_radiomics_distance
@@ -238,13 +238,16 @@ def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: s
                    ddim_steps: int = 20, samples_per_attribute: int = 2, seed: int = 0,
                    segmenter: str | None = None, classifier: str | None = None, classifier_epochs: int = 30,
                    extra_configs: Sequence[str] = (), params_file: str | None = None,
-                   remove_resample: int = 1, blend: str | None = None, density_masks: int = 8) -> dict[str, Any]:
+                   remove_resample: int = 1, blend: str | None = None, density_masks: int = 8,
+                   attribute_guidance: float | None = None) -> dict[str, Any]:
     """Run the study (see the module docstring) and write its files; returns the results dict."""
     start = time.time()
     remove_resample = option_int("remove_resample", remove_resample, 1, 100)
     blend_opt = {} if blend is None else {"keep_blend": check_blend(blend)}  # None: inference's default
     blend = check_blend(blend)
     density_masks = option_int("density_masks", density_masks, 0, 10**4)
+    ag_opt = {} if attribute_guidance is None else {
+        "attribute_guidance": option_float("attribute_guidance", attribute_guidance, 0.0, 100.0)}
     prepared, ckpt, out = Path(prepared_dir), Path(ckpt_dir), Path(output)
     seg_path = Path(segmenter) if segmenter else ckpt / "segmenter.pt"
     if classifier is not None and not Path(classifier).is_file():
@@ -391,7 +394,7 @@ def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: s
                 for k in range(int(samples_per_attribute)):
                     cid = f"a_{view}_{density}"
                     side = _infer(default_cfg, ckpt, samples / "attributes", ddim_steps, mode="generate",
-                                  attributes=text, case_id=cid, seed=seed + k)
+                                  attributes=text, case_id=cid, seed=seed + k, **ag_opt)
                     gen_paths.append(side["png"])
                     requested.append(attrs)
                 if len(asked) == 1 and "view" in asked:
@@ -425,7 +428,7 @@ def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: s
                                            "generated_read": {str(k): int(v) for k, v in zip(*np.unique(gen_read, return_counts=True))}}
             attribute["density_with_mask"] = _density_with_mask(
                 prepared, density_masks, samples / "density_masks", default_cfg, ckpt, ddim_steps, seed, reader,
-                model_size, with_view="view" in asked)
+                model_size, with_view="view" in asked, **ag_opt)
     else:
         attribute = {"skipped": f"the default model reads no view/density attributes (it reads: {names or 'none'})",
                      "classifier": clf_source}
@@ -438,7 +441,7 @@ def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: s
         attrs_text = None if prompt else ",".join(f"{k}={v}" for k, v in prompt_attrs.items() if k in names)
         for k in range(3):
             side = _infer(default_cfg, ckpt, samples / "healthy", ddim_steps, mode="generate", prompt=prompt,
-                          attributes=attrs_text, case_id="healthy_mlo_high_density", seed=seed + k)
+                          attributes=attrs_text, case_id="healthy_mlo_high_density", seed=seed + k, **ag_opt)
             healthy.append(_png(side["png"]))
     figures = _figures(out, healthy, fig)
 
@@ -448,6 +451,7 @@ def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: s
                      "max_cases": int(max_cases), "n_cases": len(cases), "ddim_steps": int(ddim_steps), "seed": int(seed),
                      "samples_per_attribute": int(samples_per_attribute), "attribute_names": names,
                      "remove_resample": remove_resample, "blend": blend, "density_masks": density_masks,
+                     "attribute_guidance": ag_opt.get("attribute_guidance"),
                      "sibling_texture_seeds": list(SIBLING_SEEDS),
                      "ring_width": RING_WIDTH,
                      "segmenter": str(seg_path), "found_fraction": FOUND_FRACTION, "healthy_prompt": HEALTHY_PROMPT},
@@ -468,7 +472,8 @@ def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: s
 
 
 def _density_with_mask(prepared: Path, n_masks: int, out: Path, configs: Sequence[str], ckpt: Path, ddim_steps: int,
-                       seed: int, reader: DensityReader, model_size: int, with_view: bool) -> dict[str, Any]:
+                       seed: int, reader: DensityReader, model_size: int, with_view: bool,
+                       **infer_options: Any) -> dict[str, Any]:
     """Density control with the breast given (the issue's healthy generation (a)): the breast masks of the first
     ``n_masks`` test images (label map > 0, lesions counted as breast), each generated healthy at every density A-D
     (same seed, and the image's own view when the model reads view), read by the dense-fraction ``reader`` at the
@@ -493,7 +498,7 @@ def _density_with_mask(prepared: Path, n_masks: int, out: Path, configs: Sequenc
             text = f"density={density}" + (f",view={attrs['view']}" if with_view and attrs.get("view") else "")
             cid = f"d_{item['case_id'][:12]}_{density}"
             side = _infer(configs, ckpt, out, ddim_steps, mode="generate", breast_mask_file=str(mask_path),
-                          attributes=text, case_id=cid, seed=seed)
+                          attributes=text, case_id=cid, seed=seed, **infer_options)
             fr = dense_fraction(_png(side["png"]))
             rows.append({"case_id": item["case_id"], "requested": density, "fraction": fr, "read": reader.read([fr])[0],
                          "real_density": attrs.get("density"), "real_fraction": real_fr,
@@ -635,6 +640,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--blend", default=None,
                     help="how the keep/inpaint/remove edits are pasted back (inference's keep_blend: poisson, the "
                          "default, or feather)")
+    ap.add_argument("--attribute_guidance", default=None,
+                    help="inference's attribute_guidance for the attribute runs (mask-free, density with a mask, healthy)")
     ap.add_argument("--density_masks", default=8,
                     help="test breast masks for the density-with-a-mask check (each generated healthy at A, B, C, D)")
     ap.add_argument("--remove_resample", default=1,
@@ -646,7 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              args.ddim_steps, args.samples_per_attribute, args.seed, args.segmenter, args.classifier,
                              args.classifier_epochs, [c for c in args.extra_config.split(",") if c],
                              remove_resample=args.remove_resample, blend=args.blend,
-                             density_masks=args.density_masks)
+                             density_masks=args.density_masks, attribute_guidance=args.attribute_guidance)
     except MammoInputError as err:
         sys.stderr.write(f"ERROR: {' '.join(str(err).split())}\n")
         return 1

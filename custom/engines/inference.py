@@ -355,7 +355,8 @@ MAX_RESAMPLE = 100
 def check_sampling_options(ddim_steps: Any, guidance_scale: Any, ddim_eta: Any = 0.0, sigma: Any = 1.5,
                            keep_feather: Any = 2.0, num_train_timesteps: Any = None, *, num_samples: Any = None,
                            seed: Any = None, keep_dilation: Any = None, case_id: Any = None,
-                           keep_resample: Any = None, mode: Any = None, keep_blend: Any = None) -> dict[str, Any]:
+                           keep_resample: Any = None, mode: Any = None, keep_blend: Any = None,
+                           attribute_guidance: Any = None) -> dict[str, Any]:
     """The sampling options, checked before anything is built or loaded (the first step of the ``inference`` run,
     then again with the model's ``sigma`` and ``num_train_timesteps`` once it is loaded): ``ddim_steps`` an integer
     1..``num_train_timesteps``, ``guidance_scale`` a finite number 0..100, ``ddim_eta`` 0..1, ``sigma`` 0..100,
@@ -363,7 +364,7 @@ def check_sampling_options(ddim_steps: Any, guidance_scale: Any, ddim_eta: Any =
     integer >= 0 (its upper bound, the image size, is checked with the model), ``case_id`` (an output name) and
     ``keep_resample`` an integer 1..``MAX_RESAMPLE`` (above 1 only for an edit of a source image: ``mode`` keep,
     inpaint or remove), ``keep_blend`` one of :data:`custom.transforms.blend.BLEND_MODES` (given only for an edit of
-    a source image; ``None``: the default, ``poisson``).
+    a source image; ``None``: the default, ``poisson``), ``attribute_guidance`` a finite number 0..100.
     ``None`` skips a check. Raises one :class:`MammoInputError` naming the option."""
     t_max = MAX_STEPS
     if num_train_timesteps not in (None, ""):
@@ -385,6 +386,8 @@ def check_sampling_options(ddim_steps: Any, guidance_scale: Any, ddim_eta: Any =
         if checked["keep_resample"] > 1 and mode is not None and str(mode).lower() not in ("keep", "inpaint", "remove"):
             raise MammoInputError("keep_resample", f"resampling harmonises an edited region with the kept image; mode "
                                                    f"{str(mode)[:20]!r} has none (use 1, or mode keep/inpaint/remove)")
+    if attribute_guidance is not None:
+        checked["attribute_guidance"] = option_float("attribute_guidance", attribute_guidance, 0.0, MAX_GUIDANCE)
     if keep_blend is not None:
         checked["keep_blend"] = check_blend(keep_blend)
         if mode is not None and str(mode).lower() not in ("keep", "inpaint", "remove"):
@@ -774,7 +777,8 @@ class GCDMSamplingInferer(Inferer):
 
     def __init__(self, scheduler: Any, encoder: nn.Module, num_inference_steps: int = 50, guidance_scale: float = 3.0,
                  sigma: float = 1.5, eta: float | None = 0.0, feather: float = 2.0, progress: bool = True,
-                 compile: bool = False, sampler: str = "ddim", resample: int = 1, blend: str | None = None) -> None:
+                 compile: bool = False, sampler: str = "ddim", resample: int = 1, blend: str | None = None,
+                 attribute_guidance: float | None = None) -> None:
         super().__init__()
         self.sampler = check_sampler(sampler)
         if self.sampler == "pndm":
@@ -796,6 +800,8 @@ class GCDMSamplingInferer(Inferer):
         self.feather = option_float("keep_feather", feather, 0.0, 1e4)
         self.resample = option_int("keep_resample", resample, 1, MAX_RESAMPLE)
         self.blend = check_blend(blend)
+        self.attribute_guidance = (None if attribute_guidance is None else
+                                   option_float("attribute_guidance", attribute_guidance, 0.0, MAX_GUIDANCE))
         self.progress = as_bool(progress)
         if self.num_inference_steps < 1:
             raise MammoInputError("ddim_steps", f"must be at least 1, got {num_inference_steps!r}")
@@ -882,7 +888,7 @@ class GCDMSamplingInferer(Inferer):
                 self._network(network), self.scheduler, mask_latent, features.float(), lesion_masks.float(),
                 lesion_present.float(), num_inference_steps=self.num_inference_steps,
                 guidance_scale=self.guidance_scale, seed=seeds, decoder=self.encoder, progress=self.progress,
-                **extra_cond,
+                attribute_guidance=self.attribute_guidance, **extra_cond,
             )
             return res.images.float().to(label.device).clamp(0.0, 1.0)
         res = ddim_sample(
@@ -890,7 +896,7 @@ class GCDMSamplingInferer(Inferer):
             lesion_present.float(), num_inference_steps=self.num_inference_steps,
             guidance_scale=self.guidance_scale, seed=seeds, eta=self.eta, decoder=self.encoder,
             known_latent=known_latent, region=region_latent, progress=self.progress, resample=int(resample),
-            **extra_cond,
+            attribute_guidance=self.attribute_guidance, **extra_cond,
         )
         img = res.images.float().to(label.device).clamp(0.0, 1.0)
         if weights is not None:
@@ -1025,6 +1031,8 @@ def sampling_parameters(inferer: GCDMSamplingInferer, *, model_path: str | None 
         "guidance_scale": inferer.guidance_scale,
         "ddim_eta": inferer.eta,
     }
+    if getattr(inferer, "attribute_guidance", None) is not None:
+        params["attribute_guidance"] = inferer.attribute_guidance
     if inferer.sampler != "ddim":  # (DDIM outputs keep their parameters as before)
         params["sampler"] = inferer.sampler
     if keep_dilation is not None:

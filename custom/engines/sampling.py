@@ -7,6 +7,7 @@ The loop (diffusers style, :func:`ddim_sample`)::
     3. for t in scheduler.timesteps:                       e.g. 20 DDIM steps, 999 -> 0
            [known region] x_t = r * x_t + (1 - r) * add_noise(z_known, noise, t)     (RePaint "keep the rest")
            eps = eps_uncond + s * (eps_cond - eps_uncond)  uncond: features AND mask dropped; one 2B forward
+                 [attribute_guidance s_a] + the attributes' own term, one 3B forward (guided_noise)
            x_{t-1} = ddim_step(eps, t, x_t)
            [resample U > 1] U - 1 more times: x_t = renoise(x_{t-1}); known merge, eps, step again  (RePaint jumps)
     4. [known region] x_0 = r * x_0 + (1 - r) * z_known
@@ -62,16 +63,46 @@ def _doubled(cond: dict[str, Any]) -> dict[str, Any]:
     return {k: (torch.cat([v, v]) if isinstance(v, torch.Tensor) else v) for k, v in cond.items()}
 
 
+def _attribute_rows(cond: dict[str, Any], attribute_guidance: float | None) -> bool:
+    """Whether a run uses the separate attribute guidance (a scale given and attribute codes among the inputs)."""
+    return attribute_guidance is not None and isinstance(cond.get("attributes"), torch.Tensor)
+
+
+def _tripled(cond: dict[str, Any]) -> dict[str, Any]:
+    """``cond`` for ``3B`` rows: conditional, unconditional, and conditional with every attribute "not given"."""
+    out = {k: (torch.cat([v, v, v]) if isinstance(v, torch.Tensor) else v) for k, v in cond.items()}
+    attrs = cond["attributes"]
+    out["attributes"] = torch.cat([attrs, attrs, torch.full_like(attrs, -1)])
+    return out
+
+
+def _three_flags(b: int, device: torch.device) -> torch.Tensor:
+    """``(3B,)`` drop flags of :func:`_tripled`'s rows: only the middle ``B`` (unconditional) are dropped."""
+    return torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool),
+                      torch.zeros(b, dtype=torch.bool)]).to(device)
+
+
 def guided_noise(network: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any], guidance_scale: float,
-                 context: torch.Tensor | None = None) -> torch.Tensor:
+                 context: torch.Tensor | None = None, attribute_guidance: float | None = None) -> torch.Tensor:
     """CFG noise ``eps_u + s * (eps_c - eps_u)``; ``eps_u`` drops both features and mask. One batched forward
     of ``2B`` samples when ``s != 1``, the conditional forward alone when ``s == 1``.
 
+    ``attribute_guidance`` ``s_a`` (with ``cond["attributes"]``): the attributes get their own scale, as in
+    InstructPix2Pix's two-term guidance: ``eps_u + s * (eps_n - eps_u) + s_a * (eps_c - eps_n)``, where ``eps_n`` is
+    the conditional prediction with every attribute "not given" (one ``3B`` forward). ``s_a == s`` is the plain
+    formula (within float rounding); a larger ``s_a`` pushes harder towards the requested attributes.
+
     ``context``: the precomputed cross-attention context of those rows (``(2B, T, D)`` conditional rows then
-    unconditional rows when ``s != 1``, ``(B, T, D)`` otherwise), e.g. from :func:`sampling_context`; ``None``
-    lets the network compute it."""
+    unconditional rows when ``s != 1``, ``(B, T, D)`` otherwise, ``(3B, T, D)`` with attribute guidance), e.g. from
+    :func:`sampling_context`; ``None`` lets the network compute it."""
     b = x.shape[0]
     extra = {} if context is None else {"context": context}
+    if _attribute_rows(cond, attribute_guidance):
+        flags = _three_flags(b, x.device)
+        eps = network(torch.cat([x, x, x]), torch.cat([t, t, t]), **_tripled(cond), drop_features=flags,
+                      drop_mask=flags, **extra)
+        eps_c, eps_u, eps_n = eps[:b], eps[b : 2 * b], eps[2 * b :]
+        return eps_u + guidance_scale * (eps_n - eps_u) + float(attribute_guidance) * (eps_c - eps_n)
     if guidance_scale == 1.0:
         return network(x, t, **_batch_cond(cond, b, False, x.device), **extra)
     flags = _cfg_flags(b, x.device)
@@ -81,14 +112,21 @@ def guided_noise(network: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dic
 
 
 def sampling_context(network: nn.Module, cond: dict[str, Any], b: int, guidance_scale: float,
-                     device: torch.device) -> torch.Tensor | None:
+                     device: torch.device, attribute_guidance: float | None = None) -> torch.Tensor | None:
     """The cross-attention context of a sampling run, computed once (``None`` when ``network`` has no
     ``context`` method): ``(2B, T, D)`` for CFG (conditional rows, then rows with features and mask dropped),
-    ``(B, T, D)`` when ``guidance_scale == 1``."""
+    ``(B, T, D)`` when ``guidance_scale == 1``, ``(3B, T, D)`` with attribute guidance (:func:`guided_noise`)."""
     if not callable(getattr(network, "context", None)):
         return None
     keys = ("features", "lesion_masks", "lesion_present")
     token_inputs = {k: v for k, v in cond.items() if k not in ("mask_latent", "extra_concat", *keys)}
+    if _attribute_rows(cond, attribute_guidance):
+        three = _tripled({k: cond[k] for k in (*keys, "attributes")})
+        rest = {k: torch.cat([v, v, v]) if isinstance(v, torch.Tensor) else v for k, v in token_inputs.items()
+                if k != "attributes"}
+        flags = _three_flags(b, device)
+        return network.context(*(three[k] for k in keys), drop_features=flags, drop_mask=flags,
+                               attributes=three["attributes"], **rest)
     if guidance_scale == 1.0:
         flag = torch.zeros(b, dtype=torch.bool, device=device)
         return network.context(*(cond[k] for k in keys), drop_features=flag, drop_mask=flag, **token_inputs)
@@ -161,6 +199,7 @@ def ddim_sample(
     progress: bool = True,
     context_once: bool = True,
     resample: int = 1,
+    attribute_guidance: float | None = None,
     **extra_cond: Any,
 ) -> SampleOutput:
     """Sample latents (and images) for a batch of conditions.
@@ -192,6 +231,8 @@ def ddim_sample(
             sqrt(1 - a_t / a_{t-1}) n``, ``a`` the cumulative alphas) and the known region merged in again, so the
             generated region is harmonised with what is kept. ``1`` (default) is plain DDIM, bit for bit; ``U``
             costs ``U`` times the denoiser calls.
+        attribute_guidance: a separate CFG scale for the clinical attributes (:func:`guided_noise`); ``None``
+            (default): the attributes follow ``guidance_scale``. Needs ``attributes`` among ``extra_cond``.
         extra_cond: further network inputs (``extra_concat``, token-source inputs).
 
     Returns:
@@ -217,7 +258,8 @@ def ddim_sample(
     else:
         step_generator = generator if generator is not None and generator.device.type == device.type else None
     try:
-        context = sampling_context(network, cond, b, guidance_scale, device) if context_once else None
+        context = (sampling_context(network, cond, b, guidance_scale, device, attribute_guidance) if context_once
+                   else None)
         for t in tqdm(scheduler.timesteps, desc="DDIM", disable=not progress, leave=False):
             t_batch = torch.full((b,), int(t), dtype=torch.long, device=device)
             for u in range(resample):
@@ -226,7 +268,8 @@ def ddim_sample(
                 if known_latent is not None:
                     renoised = scheduler.add_noise(known_latent, draw_noise(shape, generator, device), t_batch)
                     x = region * x + (1 - region) * renoised
-                eps = guided_noise(network, x, t_batch, cond, guidance_scale, context=context).to(x.dtype)
+                eps = guided_noise(network, x, t_batch, cond, guidance_scale, context=context,
+                                   attribute_guidance=attribute_guidance).to(x.dtype)
                 if per_row and eta > 0:  # each row's eta noise from its own generator
                     x = torch.cat([scheduler.step(eps[i : i + 1], int(t), x[i : i + 1], eta=eta, generator=g)[0]
                                    for i, g in enumerate(step_generators)])
@@ -254,6 +297,7 @@ def pndm_sample(
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     decoder: Any | None = None,
     progress: bool = True,
+    attribute_guidance: float | None = None,
     **extra_cond: Any,
 ) -> SampleOutput:
     """Sample latents (and images) with MONAI's PNDM scheduler (the sibling of :func:`ddim_sample`)::
@@ -292,10 +336,11 @@ def pndm_sample(
                 **extra_cond)
     scheduler.set_timesteps(int(num_inference_steps), device=device)
     try:
-        context = sampling_context(network, cond, b, guidance_scale, device)
+        context = sampling_context(network, cond, b, guidance_scale, device, attribute_guidance)
         for t in tqdm(scheduler.timesteps, desc="PNDM", disable=not progress, leave=False):
             t_batch = torch.full((b,), int(t), dtype=torch.long, device=device)
-            eps = guided_noise(network, x, t_batch, cond, guidance_scale, context=context).to(x.dtype)
+            eps = guided_noise(network, x, t_batch, cond, guidance_scale, context=context,
+                               attribute_guidance=attribute_guidance).to(x.dtype)
             x, _ = scheduler.step(eps, int(t), x)
     finally:
         network.train(was_training)
