@@ -368,3 +368,58 @@ def test_a_view_contradicting_the_mask_is_generated_and_noted(models, prepared_d
     assert len(contra["notes"]) == 1 and contra["notes"][0].startswith(f"view={other} was requested but the breast "
                                                                        f"mask is {entry['view']}-shaped")
     assert "notes" not in json.loads((out / "agree_seed0.json").read_text())["parameters"]
+
+
+def _bank(root: Path) -> Path:
+    """A hand-made prepared folder: 3 training label maps (CC large, CC small, MLO large) and one test entry."""
+    from PIL import Image
+
+    (root / "labels").mkdir(parents=True)
+    entries = []
+    for i, (view, width) in enumerate((("CC", 52), ("CC", 20), ("MLO", 50))):
+        lab = np.zeros((64, 64), np.uint8)
+        lab[:, :width] = 1
+        if i == 0:
+            lab[30:34, 10:14] = 2  # a lesion: part of the breast outline
+        Image.fromarray(lab).save(root / "labels" / f"c{i}.png")
+        entries.append({"case_id": f"c{i}", "label": f"labels/c{i}.png", "view": view, "laterality": "L"})
+    (root / "datalist.json").write_text(json.dumps({"training": entries, "test": [dict(entries[0], case_id="t")]}))
+    return root
+
+
+def test_shape_bank_matches_the_shape_attributes_and_the_seed(tmp_path):
+    import hashlib
+
+    from custom.engines.edit import shape_bank_mask
+    from custom.errors import MammoInputError
+
+    bank = _bank(tmp_path / "bank")
+    breast, rec = shape_bank_mask(bank, {"view": "CC", "area": "large", "density": "D"}, seed=5)
+    lab = np.asarray(__import__("PIL.Image").Image.open(bank / "labels" / "c0.png"))
+    assert np.array_equal(breast, (lab > 0).astype(np.uint8))  # the only CC + large (52/64 > 0.6): lesion -> breast
+    assert rec == {"datalist": "datalist.json", "matched_on": {"view": "CC", "area": "large"}, "candidates": 1,
+                   "mask_sha256": hashlib.sha256((bank / "labels" / "c0.png").read_bytes()).hexdigest()}
+    # (the record holds no case id: no source identifier goes into the sidecar)
+    picks = {shape_bank_mask(bank, {"view": "CC"}, seed=s)[1]["mask_sha256"] for s in range(20)}
+    assert len(picks) == 2  # both CC masks are candidates; the seed picks
+    assert shape_bank_mask(bank, {"view": "CC"}, seed=3)[1] == shape_bank_mask(bank, {"view": "CC"}, seed=3)[1]
+    with pytest.raises(MammoInputError, match="no training mask with view=MLO, area=small"):
+        shape_bank_mask(bank, {"view": "MLO", "area": "small"}, seed=0)
+    with pytest.raises(MammoInputError, match="not a prepared folder"):
+        shape_bank_mask(tmp_path / "nothing", {}, seed=0)
+
+
+def test_mask_free_generation_with_a_shape_bank(models, prepared_dir, tmp_path):
+    out = tmp_path / "bank"
+    _run(INPAINT, models, prepared_dir, mode="generate", attribute_names=ATTRS, case_id="banked", seed=2,
+         attributes="view=CC,density=D", shape_bank=str(prepared_dir), output_dir=str(out))
+    side = json.loads((out / "banked_seed2.json").read_text())
+    rec = side["parameters"]["shape_bank"]
+    assert rec["matched_on"] == {"view": "CC"} and rec["candidates"] >= 1 and len(rec["mask_sha256"]) == 64
+    assert side["conditions"]["num_lesions"] == 0 and not side["conditions"]["mask"]["mode"].startswith("none")
+    img = _png(out / "banked_seed2.png")
+    assert img.shape == (32, 32)
+    msg = _error(lambda: _run(INFERENCE, models, prepared_dir, mask_file=str(Path(prepared_dir) / "labels" / "x.png"),
+                              shape_bank=str(prepared_dir), output_dir=str(tmp_path / "never")))
+    assert msg.startswith("shape_bank:") and "attributes alone" in msg
+    assert not (tmp_path / "never").exists()

@@ -66,7 +66,7 @@ from custom.engines.inference import (
     keep_region,
 )
 from custom.engines.inpaint import has_inpaint_channels, inpaint_channels, inpaint_concat
-from custom.errors import MammoInputError
+from custom.errors import MammoInputError, check_path_option
 
 __all__ = ["EDIT_MODES", "gather_attributes", "build_edit_cases", "check_edit_inputs", "EditPrepareBatch",
            "EditSamplingInferer", "EditSampleWriter"]
@@ -187,13 +187,65 @@ def _mask_free_case(kwargs: Mapping[str, Any]) -> InferenceCase:
     return case
 
 
+#: attributes a shape-bank mask is matched on (the ones a breast outline shows)
+SHAPE_ATTRIBUTES = ("view", "laterality", "area")
+
+
+def shape_bank_mask(bank: str | os.PathLike, attrs: Mapping[str, str], seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """A breast outline for mask-free generation, drawn from a prepared folder's training masks (``shape_bank``).
+
+    The training entries of ``<bank>/datalist.json`` whose ``view`` / ``laterality`` / breast-area bin equal the
+    requested ones (those of :data:`SHAPE_ATTRIBUTES` that ``attrs`` gives; the others are free) are sorted by their
+    mask's SHA-256, and ``seed`` picks one. Its label map > 0 is the breast (lesions become breast: a healthy outline).
+
+    Returns:
+        ``(breast, record)``: the ``(H, W)`` uint8 breast mask (0/1, the prepared size) and what the sidecar keeps
+        (the bank's datalist name, the matched attributes, how many masks matched, the chosen mask's SHA-256; no case
+        id, so no source identifier).
+
+    Raises:
+        MammoInputError: no datalist in ``bank``, or no training mask with the requested shape attributes.
+    """
+    from PIL import Image
+
+    check_path_option("shape_bank", bank)
+    root = Path(bank)
+    path = root / "datalist.json" if root.is_dir() else root
+    root = path.parent
+    try:
+        entries = json.loads(path.read_text()).get("training", [])
+    except (OSError, ValueError, AttributeError) as err:
+        raise MammoInputError(bank, f"shape_bank: not a prepared folder with a datalist.json ({err})") from None
+    wanted = {k: attrs[k] for k in SHAPE_ATTRIBUTES if k in attrs}
+    matches = []
+    for e in entries:
+        if not e.get("label"):
+            continue
+        own = attributes_from_entry({k: v for k, v in e.items() if k != "source_image"}, root)
+        if all(own.get(k) == v for k, v in wanted.items()):
+            label_path = root / e["label"]
+            digest = hashlib.sha256(label_path.read_bytes()).hexdigest()
+            matches.append((digest, label_path))
+    if not matches:
+        said = ", ".join(f"{k}={v}" for k, v in wanted.items()) or "any shape"
+        raise MammoInputError(bank, f"shape_bank: no training mask with {said} in {path.name}")
+    matches.sort()
+    digest, label_path = matches[int(np.random.default_rng(int(seed)).integers(len(matches)))]
+    with Image.open(label_path) as im:
+        breast = (np.asarray(im) > 0).astype(np.uint8)
+    return breast, {"datalist": path.name, "matched_on": wanted, "candidates": len(matches), "mask_sha256": digest}
+
+
 def build_edit_cases(*, mode: str = "generate", attributes: Any = None, prompt: str | None = None,
                      attribute_dicom: str | None = None, attribute_names: Sequence[str] | None = (),
-                     **kwargs: Any) -> CaseSet:
+                     shape_bank: str | None = None, **kwargs: Any) -> CaseSet:
     """:func:`custom.engines.inference.build_inference_cases` plus attributes and the ``inpaint`` / ``remove`` modes.
 
     ``kwargs`` are those of ``build_inference_cases``. Each case gets ``case.extra["attributes"]`` (dict) and, when
-    the model reads attributes, ``case.extra["attribute_codes"]`` (``(K,)`` int64).
+    the model reads attributes, ``case.extra["attribute_codes"]`` (``(K,)`` int64). ``shape_bank`` (a prepared
+    folder; mask-free generation only): instead of letting the network draw the breast with the mask dropped, take a
+    breast outline of that folder's training split matching the requested view / laterality / area
+    (:func:`shape_bank_mask`) and generate a healthy breast inside it (``case.extra["shape_bank"]``).
 
     Raises:
         MammoInputError: an unknown mode, bad attributes (see :func:`gather_attributes`), remove mode without a
@@ -204,6 +256,10 @@ def build_edit_cases(*, mode: str = "generate", attributes: Any = None, prompt: 
         raise MammoInputError("mode", f"unknown mode {mode!r} (use {', '.join(EDIT_MODES)})")
     names = check_attribute_names(attribute_names, "attribute_names")
     user = gather_attributes(attributes, prompt, attribute_dicom, names)
+    if shape_bank is not None and (mode != "generate" or kwargs.get("datalist") is not None
+                                   or any(kwargs.get(k) is not None for k in _MASK_INPUTS)):
+        raise MammoInputError("shape_bank", "only for a whole mammogram from attributes alone (mode generate, no mask "
+                                            "or datalist, --attributes / --prompt); leave it out here")
     if mode == "remove":
         if kwargs.get("datalist") is not None:
             raise MammoInputError(kwargs["datalist"], "remove mode works on one image (image_file + lesion_mask_file), "
@@ -231,7 +287,19 @@ def build_edit_cases(*, mode: str = "generate", attributes: Any = None, prompt: 
                  if kwargs.get(k) is not None]
         if given:
             raise MammoInputError(given[0], "mask-free generation (attributes only) takes no lesion features or image")
-        cases = CaseSet([_mask_free_case(kwargs)], [], {"mode": "generate", "input": "attributes"})
+        if shape_bank is None:
+            cases = CaseSet([_mask_free_case(kwargs)], [], {"mode": "generate", "input": "attributes"})
+        else:
+            from PIL import Image
+
+            breast, record = shape_bank_mask(shape_bank, user, int(_seeds(kwargs.get("seed", 0), 1)[0]))
+            with tempfile.TemporaryDirectory(prefix="mammo_gcdm_shape_") as tmp:
+                mask_path = Path(tmp) / "breast.png"
+                Image.fromarray(breast * 255).save(mask_path)
+                cases = build_inference_cases(mode="generate", **{**kwargs, "breast_mask_file": str(mask_path)})
+            for case in cases.cases:
+                case.extra["shape_bank"] = record
+            cases.source["input"] = "attributes + shape bank"
     else:
         cases = build_inference_cases(mode="keep" if mode == "inpaint" else mode, **kwargs)
         if mode == "inpaint":
@@ -409,6 +477,8 @@ class EditSampleWriter(SampleWriter):
                 extra["attributes"] = dict(case.extra["attributes"])
             if case.extra.get("notes"):
                 extra["notes"] = list(case.extra["notes"])
+            if case.extra.get("shape_bank"):
+                extra["shape_bank"] = dict(case.extra["shape_bank"])
             if case.mode in ("inpaint", "remove"):
                 net = getattr(engine, "network", None)
                 extra["edit"] = {"mode": case.mode, "region_pixels": int(np.asarray(case.region).sum()),
