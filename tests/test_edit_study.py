@@ -52,7 +52,7 @@ def test_edit_study_end_to_end(study_models, prepared_dir, phantom_dir, tmp_path
     rc = main(["--prepared_dir", str(prepared_dir), "--phantom_dir", str(phantom_dir), "--ckpt_dir", str(study_models),
                "--output", str(out), "--max_cases", "2", "--ddim_steps", "2", "--samples_per_attribute", "1",
                "--classifier_epochs", "1", "--extra_config", str(INFERENCE_TINY_CONFIG), "--remove_resample", "2",
-               "--blend", "feather", "--attribute_guidance", "4"])
+               "--blend", "feather", "--attribute_guidance", "4", "--shape_bank", str(prepared_dir)])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert res["note"].startswith("phantom data") and res["settings"]["n_cases"] == 2
@@ -96,7 +96,8 @@ def test_edit_study_end_to_end(study_models, prepared_dir, phantom_dir, tmp_path
     asked = {tuple(sorted(json.loads(p.read_text())["parameters"]["attributes"].items())) for p in sides}
     assert len(asked) == 8  # every view x density combination was requested
     assert {json.loads(p.read_text())["parameters"]["attribute_guidance"] for p in sides} == {4.0}
-    assert res["settings"]["attribute_guidance"] == 4.0
+    assert res["settings"]["attribute_guidance"] == 4.0 and res["settings"]["shape_bank"] == str(prepared_dir)
+    assert all(json.loads(p.read_text())["parameters"]["shape_bank"]["candidates"] >= 1 for p in sides)
     for name in ("healthy", "inpaint", "remove", "all"):
         assert Path(res["figures"][name]).is_file()
     healthy = json.loads((out / "samples" / "healthy" / "healthy_mlo_high_density_seed0.json").read_text())

@@ -40,6 +40,9 @@ Steps (each through the bundle's own ``inference`` workflow, ``python -m monai.b
    ``view`` x ``density`` combination, ``--samples_per_attribute`` seeds each; the attribute classifier
    (:mod:`custom.metrics.attribute_classifier`, trained on the prepared training split when ``--classifier`` is not
    given) predicts view and density; accuracy per attribute next to its accuracy on the real test images (ceiling).
+   ``--shape_bank P``: these runs (and the healthy figure) take breast outlines from ``P``'s training split
+   (inference's ``shape_bank``); ``--attribute_guidance s_a``: the attributes' own guidance scale. The dense-fraction
+   reader also checks density with the breast given (``--density_masks`` test masks, each generated at A-D).
 5. Figures: a healthy MLO high-density mammogram from the prompt "a mammogram in MLO view with high density"; a
    lesion inpainted and a lesion removed (source | result | difference [| lesion-free truth]).
 
@@ -239,7 +242,7 @@ def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: s
                    segmenter: str | None = None, classifier: str | None = None, classifier_epochs: int = 30,
                    extra_configs: Sequence[str] = (), params_file: str | None = None,
                    remove_resample: int = 1, blend: str | None = None, density_masks: int = 8,
-                   attribute_guidance: float | None = None) -> dict[str, Any]:
+                   attribute_guidance: float | None = None, shape_bank: str | None = None) -> dict[str, Any]:
     """Run the study (see the module docstring) and write its files; returns the results dict."""
     start = time.time()
     remove_resample = option_int("remove_resample", remove_resample, 1, 100)
@@ -248,6 +251,7 @@ def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: s
     density_masks = option_int("density_masks", density_masks, 0, 10**4)
     ag_opt = {} if attribute_guidance is None else {
         "attribute_guidance": option_float("attribute_guidance", attribute_guidance, 0.0, 100.0)}
+    bank_opt = {} if shape_bank is None else {"shape_bank": str(shape_bank)}  # the mask-free runs take outlines
     prepared, ckpt, out = Path(prepared_dir), Path(ckpt_dir), Path(output)
     seg_path = Path(segmenter) if segmenter else ckpt / "segmenter.pt"
     if classifier is not None and not Path(classifier).is_file():
@@ -394,7 +398,7 @@ def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: s
                 for k in range(int(samples_per_attribute)):
                     cid = f"a_{view}_{density}"
                     side = _infer(default_cfg, ckpt, samples / "attributes", ddim_steps, mode="generate",
-                                  attributes=text, case_id=cid, seed=seed + k, **ag_opt)
+                                  attributes=text, case_id=cid, seed=seed + k, **ag_opt, **bank_opt)
                     gen_paths.append(side["png"])
                     requested.append(attrs)
                 if len(asked) == 1 and "view" in asked:
@@ -441,7 +445,8 @@ def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: s
         attrs_text = None if prompt else ",".join(f"{k}={v}" for k, v in prompt_attrs.items() if k in names)
         for k in range(3):
             side = _infer(default_cfg, ckpt, samples / "healthy", ddim_steps, mode="generate", prompt=prompt,
-                          attributes=attrs_text, case_id="healthy_mlo_high_density", seed=seed + k, **ag_opt)
+                          attributes=attrs_text, case_id="healthy_mlo_high_density", seed=seed + k, **ag_opt,
+                          **bank_opt)
             healthy.append(_png(side["png"]))
     figures = _figures(out, healthy, fig)
 
@@ -451,7 +456,7 @@ def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: s
                      "max_cases": int(max_cases), "n_cases": len(cases), "ddim_steps": int(ddim_steps), "seed": int(seed),
                      "samples_per_attribute": int(samples_per_attribute), "attribute_names": names,
                      "remove_resample": remove_resample, "blend": blend, "density_masks": density_masks,
-                     "attribute_guidance": ag_opt.get("attribute_guidance"),
+                     "attribute_guidance": ag_opt.get("attribute_guidance"), "shape_bank": shape_bank,
                      "sibling_texture_seeds": list(SIBLING_SEEDS),
                      "ring_width": RING_WIDTH,
                      "segmenter": str(seg_path), "found_fraction": FOUND_FRACTION, "healthy_prompt": HEALTHY_PROMPT},
@@ -642,6 +647,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "default, or feather)")
     ap.add_argument("--attribute_guidance", default=None,
                     help="inference's attribute_guidance for the attribute runs (mask-free, density with a mask, healthy)")
+    ap.add_argument("--shape_bank", default=None,
+                    help="inference's shape_bank for the mask-free runs (a prepared folder: breast outlines of its "
+                         "training split instead of the network drawing them)")
     ap.add_argument("--density_masks", default=8,
                     help="test breast masks for the density-with-a-mask check (each generated healthy at A, B, C, D)")
     ap.add_argument("--remove_resample", default=1,
@@ -653,7 +661,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              args.ddim_steps, args.samples_per_attribute, args.seed, args.segmenter, args.classifier,
                              args.classifier_epochs, [c for c in args.extra_config.split(",") if c],
                              remove_resample=args.remove_resample, blend=args.blend,
-                             density_masks=args.density_masks, attribute_guidance=args.attribute_guidance)
+                             density_masks=args.density_masks, attribute_guidance=args.attribute_guidance,
+                             shape_bank=args.shape_bank)
     except MammoInputError as err:
         sys.stderr.write(f"ERROR: {' '.join(str(err).split())}\n")
         return 1
