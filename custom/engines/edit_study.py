@@ -448,7 +448,9 @@ def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: s
                           attributes=attrs_text, case_id="healthy_mlo_high_density", seed=seed + k, **ag_opt,
                           **bank_opt)
             healthy.append(_png(side["png"]))
-    figures = _figures(out, healthy, fig)
+    how = "".join([f", attribute guidance {ag_opt['attribute_guidance']:g}" if ag_opt else "",
+                   ", breast outline from the shape bank" if bank_opt else ""])
+    figures = _figures(out, healthy, fig, how)
 
     results = {
         "note": PHANTOM_NOTE,
@@ -523,7 +525,7 @@ def _density_with_mask(prepared: Path, n_masks: int, out: Path, configs: Sequenc
     }
 
 
-def _figures(out: Path, healthy: list[np.ndarray], fig: Mapping[str, Any]) -> dict[str, str]:
+def _figures(out: Path, healthy: list[np.ndarray], fig: Mapping[str, Any], how: str = "") -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -560,7 +562,7 @@ def _figures(out: Path, healthy: list[np.ndarray], fig: Mapping[str, Any]) -> di
         one.savefig(path, dpi=110)
         plt.close(one)
         written[name] = str(path)
-    full.suptitle(f"{PHANTOM_NOTE}; top row: '{HEALTHY_PROMPT}'", fontsize=9)
+    full.suptitle(f"{PHANTOM_NOTE}; top row: '{HEALTHY_PROMPT}'{how}", fontsize=9)
     full.tight_layout()
     full.savefig(out / "edit_study.png", dpi=110)
     plt.close(full)
