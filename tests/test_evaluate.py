@@ -76,6 +76,9 @@ def test_cli_writes_metrics_with_the_expected_keys_and_ranges(evaluation):
     n = evaluation["n_test"]
     assert {"metrics", "settings", "controllability", "segmenter_ceiling", "fd_radiomics67", "frd_published", "feature_distance", "diversity",
             "reconstruction", "caveat", "skipped", "seconds"} <= set(m)
+    # a model without attributes: the attribute-fidelity check says why it is empty
+    assert m["attribute_fidelity"] == {"skipped": "the model reads no attributes"}
+    assert m["metrics"]["density_accuracy"] is None
     s = m["metrics"]
     for key in ("mass_iou", "breast_iou", "pixel_accuracy", "ceiling_breast_iou", "ceiling_pixel_accuracy", "ms_ssim"):
         assert _in01(s[key]), (key, s[key])
@@ -271,3 +274,47 @@ def test_gcdm_max_cases_counts_the_mass_cases_evaluated(prepared_dir, tmp_path):
     (tmp_path / "datalist.json").write_text(json.dumps({**splits, "test": healthy}))
     with pytest.raises(MammoInputError, match="has no image with a mass"):
         evaluation_cases(tmp_path, "test", max_cases=2, mass_only=True, **kw)
+
+
+def _density_image(fraction: float, size: int = 64) -> np.ndarray:
+    """A breast (left 40 columns) of fat (0.5) with ``fraction`` of its pixels dense (0.9, scattered by a fixed
+    permutation); air elsewhere."""
+    img = np.zeros((size, size), np.float32)
+    breast = np.full(size * 40, 0.5, np.float32)
+    breast[: int(round(fraction * breast.size))] = 0.9
+    img[:, :40] = breast[np.random.default_rng(0).permutation(breast.size)].reshape(size, 40)
+    return img
+
+
+def test_evaluation_attribute_fidelity_reads_density_back(tmp_path):
+    """The report's density check on hand-made images: the reader is fitted on training images of known dense
+    fractions (A 0.1, B 0.3, C 0.5, D 0.7 -> thresholds 0.2 / 0.4 / 0.6) and reads the generated and real images."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from custom.engines.evaluation import EvaluationReport
+    from custom.metrics.attribute_classifier import dense_fraction
+
+    prepared = tmp_path / "prepared"
+    (prepared / "images").mkdir(parents=True)
+    entries = []
+    for i, (dens, fr) in enumerate([("A", 0.1), ("B", 0.3), ("C", 0.5), ("D", 0.7)] * 2):
+        Image.fromarray((_density_image(fr) * 65535).astype(np.uint16)).save(prepared / "images" / f"t{i}.png")
+        entries.append({"case_id": f"t{i}", "image": f"images/t{i}.png", "density": f"DENSITY {dens}", "num_lesions": 0})
+    (prepared / "datalist.json").write_text(json.dumps({"training": entries, "test": []}))
+    assert dense_fraction(_density_image(0.3)) == pytest.approx(0.3, abs=0.01)  # the construction reads as meant
+
+    asked = ["A", "B", "C", "D"]
+    cases = [SimpleNamespace(extra={"attributes": {"density": d}, "attribute_codes": np.array([k])}) for k, d in enumerate(asked)]
+    report = EvaluationReport.__new__(EvaluationReport)
+    report.cases, report.prepared_dir = SimpleNamespace(cases=cases), prepared
+    gen = np.stack([_density_image(f) for f in (0.1, 0.5, 0.5, 0.7)])[:, None]  # read A, C, C, D
+    real = np.stack([_density_image(f) for f in (0.1, 0.3, 0.5, 0.7)])[:, None]
+    out = report._attribute_fidelity({"gen": gen, "real": real})
+    assert out["thresholds"] == pytest.approx([0.2, 0.4, 0.6], abs=0.01) and out["fit_on"] == 8 and out["n"] == 4
+    assert out["generated_accuracy"] == 0.75 and out["real_accuracy"] == 1.0
+    assert out["spearman_requested_vs_generated_fraction"] == pytest.approx(0.9486833, abs=1e-6)  # ranks 1,2.5,2.5,4
+    for c in cases:
+        c.extra.pop("attribute_codes")
+    assert report._attribute_fidelity({"gen": gen, "real": real}) == {"skipped": "the model reads no attributes"}

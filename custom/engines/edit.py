@@ -236,6 +236,38 @@ def shape_bank_mask(bank: str | os.PathLike, attrs: Mapping[str, str], seed: int
     return breast, {"datalist": path.name, "matched_on": wanted, "candidates": len(matches), "mask_sha256": digest}
 
 
+def attach_case_attributes(cases: CaseSet, datalist: str | os.PathLike | None, names: Sequence[str],
+                           user: Mapping[str, str] | None = None) -> CaseSet:
+    """Give every case its attributes: ``case.extra["attributes"]`` (a datalist case's own attributes among
+    ``names`` (:func:`custom.data.attributes.attributes_from_entry`), overridden by ``user``), a sidecar note when a
+    requested view contradicts the mask's shape, and, when ``names`` is not empty, ``case.extra["attribute_codes"]``
+    ``(K,)`` for the network. Returns ``cases`` (changed in place)."""
+    entries: dict[str, Mapping[str, Any]] = {}
+    root: Path | None = None
+    if names and datalist is not None:
+        path = Path(datalist)
+        path = path / "datalist.json" if path.is_dir() else path
+        root = path.parent
+        try:
+            entries = {str(e["case_id"]): e for split in json.loads(path.read_text()).values() if isinstance(split, list)
+                       for e in split}
+        except (OSError, ValueError):
+            entries = {}
+    for case in cases.cases:
+        attrs = dict(user or {})
+        if case.name in entries:
+            own = {k: v for k, v in attributes_from_entry(entries[case.name], root).items() if k in names}
+            attrs = {**own, **dict(user or {})}
+        case.extra["attributes"] = attrs
+        note = None if case.extra.get("mask_free") else view_mask_note(attrs, case.conditions.label)
+        if note is not None:  # allowed (the user asked for it), but said in the sidecar
+            logger.warning("%s: %s", case.name, note)
+            case.extra["notes"] = [note]
+        if names:
+            case.extra["attribute_codes"] = encode_attributes(attrs, names)
+    return cases
+
+
 def build_edit_cases(*, mode: str = "generate", attributes: Any = None, prompt: str | None = None,
                      attribute_dicom: str | None = None, attribute_names: Sequence[str] | None = (),
                      shape_bank: str | None = None, **kwargs: Any) -> CaseSet:
@@ -306,29 +338,7 @@ def build_edit_cases(*, mode: str = "generate", attributes: Any = None, prompt: 
             for case in cases.cases:
                 case.mode = "inpaint"
             cases.source["mode"] = "inpaint"
-    entries: dict[str, Mapping[str, Any]] = {}
-    datalist = kwargs.get("datalist")
-    if names and datalist is not None:
-        path = Path(datalist)
-        path = path / "datalist.json" if path.is_dir() else path
-        try:
-            entries = {str(e["case_id"]): e for split in json.loads(path.read_text()).values() if isinstance(split, list)
-                       for e in split}
-        except (OSError, ValueError):
-            entries = {}
-    for case in cases.cases:
-        attrs = dict(user)
-        if case.name in entries:
-            own = {k: v for k, v in attributes_from_entry(entries[case.name], Path(datalist) if Path(datalist).is_dir()
-                                                          else Path(datalist).parent).items() if k in names}
-            attrs = {**own, **user}
-        case.extra["attributes"] = attrs
-        note = None if case.extra.get("mask_free") else view_mask_note(attrs, case.conditions.label)
-        if note is not None:  # allowed (the user asked for it), but said in the sidecar
-            logger.warning("%s: %s", case.name, note)
-            case.extra["notes"] = [note]
-        if names:
-            case.extra["attribute_codes"] = encode_attributes(attrs, names)
+    attach_case_attributes(cases, kwargs.get("datalist"), names, user)
     return cases
 
 

@@ -205,6 +205,7 @@ def evaluation_cases(
     diversity_samples: int = 4,
     normaliser_file: str | os.PathLike | None = None,
     mass_only: bool = False,
+    attribute_names: Sequence[str] | None = (),
 ) -> CaseSet:
     """The test cases with their real image (``extra``): one seed each, ``diversity_samples`` seeds for the first
     ``diversity_cases`` cases with a lesion (their first sample is the one the controllability metrics use).
@@ -212,7 +213,11 @@ def evaluation_cases(
     ``mass_only`` (the GCDM protocol): only the cases with a lesion
     (:func:`custom.metrics.protocol.gcdm_test_entries`), chosen before ``max_cases`` (so ``max_cases`` counts the
     mass cases evaluated); the images without one (with ``max_cases``: those before the last case evaluated) are
-    listed in ``skipped`` with that reason."""
+    listed in ``skipped`` with that reason.
+
+    ``attribute_names`` (a model that reads clinical attributes): every case is generated with its own attributes
+    from the datalist (:func:`custom.engines.edit.attach_case_attributes`), which the report's attribute fidelity
+    then checks."""
     n_div = [0]
     extra = max(1, int(diversity_samples)) if int(diversity_cases) > 0 else 1
 
@@ -245,6 +250,11 @@ def evaluation_cases(
                            normaliser_file=normaliser_file, seeds=[int(seed)], max_cases=max_cases, keep_real=True,
                            seeds_for=seeds_for, require_lesion=mass)
     cases.skipped += [{"case": c, "reason": "no mass (GCDM protocol: mass test images only)"} for c in no_mass]
+    names = list(attribute_names or [])
+    if names:
+        from custom.engines.edit import attach_case_attributes
+
+        attach_case_attributes(cases, Path(prepared_dir) / "datalist.json", names)
     return cases
 
 
@@ -381,6 +391,8 @@ def _metric_rows(m: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         ("FRD (published, frd-score v1)", _fmt(s.get("frd")), _floors(s, "frd")),
         ("Radiomics fidelity (mean Spearman, requested vs measured per lesion)", _fmt(s.get("radiomics_fidelity")),
          f"{_fmt(s.get('ceiling_radiomics_fidelity'))} (real vs its stage-1 reconstruction)"),
+        ("Attribute fidelity: density read back (dense-fraction reader; models with attributes)",
+         _fmt(s.get("density_accuracy")), f"{_fmt(s.get('ceiling_density_accuracy'))} (the reader on the real images)"),
         (fd_label, _fmt(s.get("feature_distance")), _floors(s, "feature_distance")),
         ("MS-SSIM diversity (lower = more diverse)", _fmt(s.get("ms_ssim")), ""),
         ("Stage-1 reconstruction SSIM / PSNR (dB)", f"{_fmt(s.get('recon_ssim'))} / {_fmt(s.get('recon_psnr'))}", ""),
@@ -424,6 +436,8 @@ class EvaluationReport:
             ceiling on the real images) by :func:`custom.metrics.protocol.gcdm_confusion` - breast by the reference's
             threshold rule, lesion by ``box_segmenter`` (or the bundle's segmenter inside the boxes).
         box_segmenter: a :class:`custom.metrics.protocol.SamBoxSegmenter` (``--sam_path``) or ``None``.
+        prepared_dir: the prepared folder; with cases that carry a requested ``density`` (a model with attributes),
+            its training images fit the dense-fraction reader of the attribute fidelity (:meth:`_attribute_fidelity`).
     """
 
     def __init__(
@@ -452,6 +466,7 @@ class EvaluationReport:
         protocol: str = "project",
         box_segmenter: Any = None,
         published_frd: bool = False,
+        prepared_dir: str | os.PathLike | None = None,
     ) -> None:
         if str(protocol).strip().lower() not in PROTOCOLS:
             raise MammoInputError("--protocol", f"use one of {list(PROTOCOLS)}, got {protocol!r}")
@@ -474,6 +489,7 @@ class EvaluationReport:
         self.params_file = params_file
         self.figure_cases = int(figure_cases)
         self.device = device
+        self.prepared_dir = None if prepared_dir in (None, "") else Path(prepared_dir)
         self.metrics: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ data
@@ -594,6 +610,9 @@ class EvaluationReport:
 
         radiomics_fidelity = lesion_radiomics_fidelity(a["real"], a["gen"], recon, a["instances"], self.params_file)
         seconds["radiomics_fidelity"] = time.time() - t0
+        t0 = time.time()
+        attribute_fidelity = self._attribute_fidelity(a)
+        seconds["attribute_fidelity"] = time.time() - t0
 
         info = self.model_check.get("info", {}) or {}
         sigma_trained = info.get("sigma")
@@ -629,6 +648,8 @@ class EvaluationReport:
             "recon_psnr": reconstruction["psnr_mean"],
             "radiomics_fidelity": radiomics_fidelity["generated"]["mean"],
             "ceiling_radiomics_fidelity": radiomics_fidelity["retest"]["mean"],
+            "density_accuracy": attribute_fidelity.get("generated_accuracy"),
+            "ceiling_density_accuracy": attribute_fidelity.get("real_accuracy"),
         }
         self.metrics = {
             "format": "mammo_gcdm/evaluation",
@@ -665,10 +686,51 @@ class EvaluationReport:
             "diversity": diversity,
             "reconstruction": reconstruction,
             "radiomics_fidelity": radiomics_fidelity,
+            "attribute_fidelity": attribute_fidelity,
             "skipped": self.cases.skipped,
             "seconds": {k: round(v, 2) for k, v in seconds.items()},
         }
         return self.metrics
+
+    def _attribute_fidelity(self, a: Mapping[str, Any]) -> dict[str, Any]:
+        """The reconstruction loop on the evaluation set (a model with attributes): each case was generated with its
+        own ``density``; the dense-fraction reader (:class:`custom.metrics.attribute_classifier.DensityReader`, fitted
+        on the prepared training images at the model size) reads it back from the generated image and from the real
+        one (the ceiling). ``{"skipped": why}`` for a model without attributes or cases without a density."""
+        from custom.metrics.attribute_classifier import DensityReader, dense_fraction, items_from_prepared, load_images
+
+        requested = [c.extra.get("attributes", {}).get("density") for c in self.cases.cases]
+        if not any(c.extra.get("attribute_codes") is not None for c in self.cases.cases):
+            return {"skipped": "the model reads no attributes"}
+        if not any(requested):
+            return {"skipped": "the model reads no density, or no case has one"}
+        if self.prepared_dir is None:
+            return {"skipped": "no prepared_dir to fit the density reader on"}
+        size = int(a["gen"].shape[-1])
+        train = [it for it in items_from_prepared(self.prepared_dir, "training") if "density" in it["attributes"]]
+        try:
+            fractions = [dense_fraction(im[0].numpy()) for im in load_images([it["image"] for it in train], size)]
+            reader = DensityReader.fit(fractions, [it["attributes"]["density"] for it in train])
+        except ValueError as err:
+            return {"skipped": f"density reader not fitted: {err}"}
+        gen_fr = [dense_fraction(img[0]) for img in a["gen"]]
+        real_fr = [dense_fraction(img[0]) for img in a["real"]]
+        gen_read, real_read = reader.read(gen_fr), reader.read(real_fr)
+        rows = [(r, g, rr, gf) for r, g, rr, gf in zip(requested, gen_read, real_read, gen_fr) if r]
+        order = {c: k for k, c in enumerate(DensityReader.classes)}
+        finite = [(order[r], gf) for r, _, _, gf in rows if np.isfinite(gf)]
+        rho = None
+        if len(finite) > 2 and len({k for k, _ in finite}) > 1:
+            from scipy.stats import spearmanr
+
+            rho = float(spearmanr([k for k, _ in finite], [f for _, f in finite])[0])
+        return {
+            "attribute": "density", "reader": "dense-tissue fraction (custom.metrics.attribute_classifier.DensityReader)",
+            "thresholds": reader.thresholds, "fit_on": len(train), "image_size": size, "n": len(rows),
+            "generated_accuracy": float(np.mean([g == r for r, g, _, _ in rows])),
+            "real_accuracy": float(np.mean([rr == r for r, _, rr, _ in rows])),
+            "spearman_requested_vs_generated_fraction": rho if rho is None or np.isfinite(rho) else None,
+        }
 
     def _gcdm_protocol(self, a: Mapping[str, Any]) -> dict[str, Any]:
         """Pooled 3-class confusion of the generated and of the real images by the reference's rules."""
