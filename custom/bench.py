@@ -593,7 +593,7 @@ def kept_sections(previous: str) -> list[str]:
     written by other commands, which a ``make bench`` rerun keeps."""
     import re
 
-    return [m.group(0) for m in re.finditer(r"<!-- ([\w-]+):begin -->.*?<!-- \1:end -->", previous, flags=re.S)]
+    return [m.group(0) for m in re.finditer(r"<!-- ([\w.-]+):begin -->.*?<!-- \1:end -->", previous, flags=re.S)]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -60,4 +60,7 @@ def test_bench_rerun_keeps_the_marked_sections(tmp_path):
     assert kept == ["<!-- serving-bench:begin -->\n## latency\n| 1 |\n<!-- serving-bench:end -->",
                     "<!-- gpu-check:begin -->\n## GPU\nrow\n<!-- gpu-check:end -->"]
     names = [k.split(":begin", 1)[0][5:] for k in kept_sections(REPO_DOCS.read_text())]
-    assert {"serving-bench", "preprocessing-notes", "gpu-check"} <= set(names)
+    assert {"serving-bench", "preprocessing-notes", "gpu-check", "hand-timed-0.7", "hand-timed-0.8"} <= set(names)
+    # a dotted name (the hand-timed sections of a release) is kept too
+    assert kept_sections("<!-- hand-timed-0.8:begin -->\nrow\n<!-- hand-timed-0.8:end -->") == [
+        "<!-- hand-timed-0.8:begin -->\nrow\n<!-- hand-timed-0.8:end -->"]

@@ -448,8 +448,9 @@ def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: s
                           attributes=attrs_text, case_id="healthy_mlo_high_density", seed=seed + k, **ag_opt,
                           **bank_opt)
             healthy.append(_png(side["png"]))
-    how = "".join([f", attribute guidance {ag_opt['attribute_guidance']:g}" if ag_opt else "",
-                   ", breast outline from the shape bank" if bank_opt else ""])
+    how = ", ".join(([f"attribute guidance {ag_opt['attribute_guidance']:g}"] if ag_opt else [])
+                    + (["breast outline from the shape bank"] if bank_opt else []))
+    how = f"\n(top row: {how})" if how else ""
     figures = _figures(out, healthy, fig, how)
 
     results = {
