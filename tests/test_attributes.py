@@ -380,3 +380,34 @@ def test_attribute_guidance_option_checks():
     plain.token_sources = torch.nn.ModuleDict()  # a model without attributes
     with pytest.raises(MammoInputError, match="^attribute_guidance: the model was trained without attributes"):
         inferer(torch.zeros(1, 1, 8, 8), plain)
+
+
+def test_mask_dropped_sampling_computes_the_context_once_with_the_same_output():
+    """Mask-free sampling wraps the network in MaskDropped; its context (mask dropped for every row) lets the sampler
+    compute the lesion context once per run, with the output of the per-step computation."""
+    from monai.networks.schedulers import DDIMScheduler
+
+    from custom.engines.edit import MaskDropped
+    from custom.engines.sampling import ddim_sample, sampling_context
+
+    torch.manual_seed(3)
+    net = _tiny_network(["view", "density"], "tokens").eval()
+    with torch.no_grad():
+        for param in net.parameters():
+            param.add_(torch.randn_like(param) * 0.2)
+    wrapped = MaskDropped(net)
+    b = 2
+    cond = dict(features=torch.randn(b, 1, 67), lesion_masks=torch.zeros(b, 1, 8, 8), lesion_present=torch.zeros(b, 1),
+                attributes=torch.tensor([[0, 1], [1, 3]]))
+    with torch.no_grad():
+        ctx = sampling_context(wrapped, {"mask_latent": None, **cond}, b, 3.0, torch.device("cpu"))
+        flags = torch.tensor([False, False, True, True])
+        expected = net.context(*(torch.cat([cond[k], cond[k]]) for k in ("features", "lesion_masks", "lesion_present")),
+                               drop_features=flags, drop_mask=torch.ones(4, dtype=torch.bool),
+                               attributes=torch.cat([cond["attributes"]] * 2))
+        assert ctx is not None and torch.equal(ctx, expected)
+        kw = dict(num_inference_steps=3, guidance_scale=3.0, seed=[0, 1], progress=False, **cond)
+        sched = DDIMScheduler(1000, schedule="scaled_linear_beta", clip_sample=False)
+        once = ddim_sample(wrapped, sched, torch.zeros(b, 0, 8, 8), **kw).latents
+        every = ddim_sample(wrapped, sched, torch.zeros(b, 0, 8, 8), context_once=False, **kw).latents
+        assert torch.allclose(once, every, atol=1e-5)

@@ -463,6 +463,14 @@ class MaskDropped(nn.Module):
                      "attribute_names", "time_attributes"):
             if hasattr(network, name):
                 object.__setattr__(self, name, getattr(network, name))
+        if callable(getattr(network, "context", None)):  # so a sampler computes the context once per run
+            object.__setattr__(self, "context", self._context)
+
+    def _context(self, features: torch.Tensor, *args: Any, drop_mask: torch.Tensor | None = None,
+                 **kwargs: Any) -> torch.Tensor:
+        """The wrapped network's ``context`` with the mask dropped for every row (as :meth:`forward` does)."""
+        drop = torch.ones(features.shape[0], dtype=torch.bool, device=features.device)
+        return self.network.context(features, *args, drop_mask=drop, **kwargs)
 
     def forward(self, *args: Any, drop_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
         x = args[0]
