@@ -412,10 +412,8 @@ def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: s
         reader = None
         if "density" in asked:  # the classical check beside the CNN: dense-tissue fraction, thresholds from training
             model_size = int(side["conditions"]["image_size"])
-            train_items = items_from_prepared(prepared, "training")
-            train_fr = [dense_fraction(im[0].numpy()) for im in load_images([it["image"] for it in train_items], model_size)]
             try:
-                reader = DensityReader.fit(train_fr, [it["attributes"].get("density") for it in train_items])
+                reader, fit_on = DensityReader.fit_prepared(prepared, model_size)
             except ValueError as err:  # e.g. a density class missing from a small training split
                 attribute["density_reader"] = {"skipped": str(err)}
         if "density" in asked and reader is not None:
@@ -427,7 +425,7 @@ def run_edit_study(prepared_dir: str, phantom_dir: str, ckpt_dir: str, output: s
             acc["real"].update(attribute_accuracy([{key: it["attributes"]["density"]} if "density" in it["attributes"]
                                                    else {} for it in real], [{key: v} for v in real_read]))
             attribute["attributes"].append(key)
-            attribute["density_reader"] = {"thresholds": reader.thresholds, "fit_on": len(train_items),
+            attribute["density_reader"] = {"thresholds": reader.thresholds, "fit_on": fit_on,
                                            "image_size": model_size,
                                            "generated_read": {str(k): int(v) for k, v in zip(*np.unique(gen_read, return_counts=True))}}
             attribute["density_with_mask"] = _density_with_mask(

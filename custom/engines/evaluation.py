@@ -697,7 +697,7 @@ class EvaluationReport:
         own ``density``; the dense-fraction reader (:class:`custom.metrics.attribute_classifier.DensityReader`, fitted
         on the prepared training images at the model size) reads it back from the generated image and from the real
         one (the ceiling). ``{"skipped": why}`` for a model without attributes or cases without a density."""
-        from custom.metrics.attribute_classifier import DensityReader, dense_fraction, items_from_prepared, load_images
+        from custom.metrics.attribute_classifier import DensityReader, dense_fraction
 
         requested = [c.extra.get("attributes", {}).get("density") for c in self.cases.cases]
         if not any(c.extra.get("attribute_codes") is not None for c in self.cases.cases):
@@ -707,10 +707,8 @@ class EvaluationReport:
         if self.prepared_dir is None:
             return {"skipped": "no prepared_dir to fit the density reader on"}
         size = int(a["gen"].shape[-1])
-        train = [it for it in items_from_prepared(self.prepared_dir, "training") if "density" in it["attributes"]]
         try:
-            fractions = [dense_fraction(im[0].numpy()) for im in load_images([it["image"] for it in train], size)]
-            reader = DensityReader.fit(fractions, [it["attributes"]["density"] for it in train])
+            reader, fit_on = DensityReader.fit_prepared(self.prepared_dir, size)
         except ValueError as err:
             return {"skipped": f"density reader not fitted: {err}"}
         gen_fr = [dense_fraction(img[0]) for img in a["gen"]]
@@ -726,7 +724,7 @@ class EvaluationReport:
             rho = float(spearmanr([k for k, _ in finite], [f for _, f in finite])[0])
         return {
             "attribute": "density", "reader": "dense-tissue fraction (custom.metrics.attribute_classifier.DensityReader)",
-            "thresholds": reader.thresholds, "fit_on": len(train), "image_size": size, "n": len(rows),
+            "thresholds": reader.thresholds, "fit_on": fit_on, "image_size": size, "n": len(rows),
             "generated_accuracy": float(np.mean([g == r for r, g, _, _ in rows])),
             "real_accuracy": float(np.mean([rr == r for r, _, rr, _ in rows])),
             "spearman_requested_vs_generated_fraction": rho if rho is None or np.isfinite(rho) else None,

@@ -223,6 +223,15 @@ class DensityReader:
                              "does not order these images by density")
         return cls([(a + b) / 2.0 for a, b in zip(medians[:-1], medians[1:])])
 
+    @classmethod
+    def fit_prepared(cls, prepared_dir: str | os.PathLike, image_size: int) -> tuple["DensityReader", int]:
+        """:meth:`fit` on the training split of a prepared folder, its images read at ``image_size`` (the model's):
+        returns the reader and the number of training images it read (those without a density label are ignored
+        by :meth:`fit`). Raises ``ValueError`` as :meth:`fit`."""
+        items = items_from_prepared(prepared_dir, "training")
+        fractions = [dense_fraction(im[0].numpy()) for im in load_images([it["image"] for it in items], int(image_size))]
+        return cls.fit(fractions, [it["attributes"].get("density") for it in items]), len(items)
+
     def read(self, fractions: Sequence[float]) -> list[str]:
         """Density class of each dense fraction (``nan`` -> ``"?"``, which never matches a request)."""
         return ["?" if not np.isfinite(f) else self.classes[int(np.searchsorted(self.thresholds, f, side="right"))]
