@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+
+@contextlib.contextmanager
+def _titles():
+    """Collect every panel title a figure sets (``Axes.set_title`` wrapped for the duration)."""
+    import matplotlib.axes
+
+    titles: list[str] = []
+    orig = matplotlib.axes.Axes.set_title
+
+    def spy(self, label, *a, **k):
+        titles.append(label)
+        return orig(self, label, *a, **k)
+
+    matplotlib.axes.Axes.set_title = spy
+    try:
+        yield titles
+    finally:
+        matplotlib.axes.Axes.set_title = orig
 
 
 def _cohort(root: Path, n: int) -> None:
@@ -35,20 +55,8 @@ def test_cohort_figure_draws_the_first_images(tmp_path):
     from custom.engines import figures
 
     _cohort(tmp_path / "cohort", 5)
-    titles = []
-    import matplotlib.axes
-
-    orig = matplotlib.axes.Axes.set_title
-
-    def spy(self, label, *a, **k):
-        titles.append(label)
-        return orig(self, label, *a, **k)
-
-    matplotlib.axes.Axes.set_title = spy
-    try:
+    with _titles() as titles:
         out = figures.cohort_figure(tmp_path / "cohort", tmp_path / "fig" / "cohort.png", n_images=4, columns=3)
-    finally:
-        matplotlib.axes.Axes.set_title = orig
     assert out.is_file() and Image.open(out).format == "PNG"
     # the first 4 images in split order (training first), lesion counts from the datalist
     assert titles == ["0 lesions", "1 lesion, benign", "0 lesions", "1 lesion, benign"]
@@ -63,8 +71,6 @@ def test_density_figure_rows_per_study_and_mask(tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.axes
-
     from custom.engines import figures
 
     root = tmp_path / "study"
@@ -77,18 +83,8 @@ def test_density_figure_rows_per_study_and_mask(tmp_path):
             rows.append({"case_id": case, "requested": dens, "fraction": 0.1 * (k + 1), "read": dens,
                          "real_density": "B", "real_fraction": 0.3})
     (root / "results.json").write_text(json.dumps({"attribute_fidelity": {"density_with_mask": {"per_case": rows}}}))
-    titles = []
-    orig = matplotlib.axes.Axes.set_title
-
-    def spy(self, label, *a, **k):
-        titles.append(label)
-        return orig(self, label, *a, **k)
-
-    matplotlib.axes.Axes.set_title = spy
-    try:
+    with _titles() as titles:
         out = figures.density_figure([(root, "one"), (root, "two")], tmp_path / "d.png", n_masks=1)
-    finally:
-        matplotlib.axes.Axes.set_title = orig
     assert out.is_file()
     # one row per study (first mask only), A..D with the fraction and the class read
     assert titles == ["asked A: 0.10 -> A", "asked B: 0.20 -> B", "asked C: 0.30 -> C", "asked D: 0.40 -> D"] * 2

@@ -16,6 +16,7 @@ import csv
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -69,6 +70,19 @@ def plot_loss_curves(runs: Path, output: Path) -> Path | None:
 def _latest(folder: Path, pattern: str = "*.png") -> Path | None:
     files = sorted(folder.glob(pattern), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
     return files[-1] if files else None
+
+
+def _save(fig: Any, output: str | Path) -> Path:
+    """Lay out, write (atomically, PNG at 110 dpi, parent folders made) and close a figure; returns its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    target = Path(output)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return target
 
 
 def diversity_figure(eval_dir: str | Path, prepared_dir: str | Path, output: str | Path, n_cases: int = 2,
@@ -125,13 +139,7 @@ def diversity_figure(eval_dir: str | Path, prepared_dir: str | Path, output: str
             ax.axis("off")
     fig.suptitle(title or "Samples of one condition (seeds) vs real phantom images of that condition (texture siblings)",
                  fontsize=9)
-    fig.tight_layout()
-    target = Path(output)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return target
+    return _save(fig, output)
 
 
 def cohort_figure(cohort_dir: str | Path, output: str | Path, n_images: int = 16, columns: int = 8) -> Path:
@@ -180,13 +188,7 @@ def cohort_figure(cohort_dir: str | Path, output: str | Path, n_images: int = 16
         ax.set_title(f"{n} lesion{'s' if n != 1 else ''}" + (f", {rec['malignancy']}" if n and rec.get("malignancy") else ""),
                      fontsize=7)
     fig.suptitle(f"Synthetic cohort (model {model}): cyan = breast condition, red = lesion condition", fontsize=9)
-    fig.tight_layout()
-    target = Path(output)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return target
+    return _save(fig, output)
 
 
 def density_figure(studies: list[tuple[str | Path, str]], output: str | Path, n_masks: int = 2) -> Path:
@@ -235,13 +237,7 @@ def density_figure(studies: list[tuple[str | Path, str]], output: str | Path, n_
                         rotation=90, va="center", ha="right", transform=axes[i, 0].transAxes)
     fig.suptitle("Density asked for with a breast mask: dense-tissue fraction -> class read "
                  "(phantom; reader thresholds 0.20 / 0.35 / 0.50)", fontsize=8)
-    fig.tight_layout()
-    target = Path(output)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return target
+    return _save(fig, output)
 
 
 def main(argv: list[str] | None = None) -> None:
