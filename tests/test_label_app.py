@@ -486,6 +486,14 @@ def test_attributes_and_prompt_params_reach_the_products_parser(server, scene):
         ({"attributes": ["view=MLO"]}, ["attributes must be text"]),
         ({"attributes": {"view": "M,LO"}}, ["plain word"]),
         ({"prompt": "mlo " * 100}, ["at most 300"]),
+        # per-lesion labels: the product's parser, then the model (which reads none)
+        ({"lesion_labels": "birads=9"}, ["lesion_labels", "unknown value '9'"]),
+        ({"lesion_labels": [{"birads": "none"}]}, ["lesion_labels", "remove"]),
+        ({"lesion_labels": "birads=4; birads=5"}, ["trained without lesion labels"]),
+        ({"lesion_labels": "birads=4"}, ["lesion_labels", "trained without lesion labels"]),
+        ({"lesion_labels": "$@network_def"}, ["lesion_labels: at most 300 characters"]),
+        ({"lesion_labels": ["birads=4"]}, ["one object per lesion"]),
+        ({"lesion_labels": [{"birads": "4;5"}]}, ["plain word"]),
     ]
     for extra, words in cases:
         status, body, _ = server.infer(scene["id"], {**box, **extra})
@@ -497,7 +505,7 @@ def test_attributes_and_prompt_params_reach_the_products_parser(server, scene):
     objects = server.json("/datastore/?output=all")["objects"]
     assert not [k for k in objects if "_s7" in k]                      # a refused request stores nothing
     info = server.json("/info/")["models"][MODEL]["config"]
-    assert "attributes" in info and "prompt" in info
+    assert "attributes" in info and "prompt" in info and "lesion_labels" in info
 
 
 # ================================================================================================ access rules (issue 8)

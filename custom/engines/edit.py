@@ -54,6 +54,13 @@ from custom.data.attributes import (
     parse_prompt,
     view_mask_note,
 )
+from custom.data.lesion_labels import (
+    check_lesion_label_names,
+    decode_lesion_labels,
+    encode_lesion_labels,
+    labels_from_finding,
+    parse_lesion_labels,
+)
 from custom.engines.inference import (
     CaseSet,
     GCDMInferencePrepareBatch,
@@ -68,7 +75,7 @@ from custom.engines.inference import (
 from custom.engines.inpaint import has_inpaint_channels, inpaint_channels, inpaint_concat
 from custom.errors import MammoInputError, check_path_option
 
-__all__ = ["EDIT_MODES", "gather_attributes", "build_edit_cases", "check_edit_inputs", "EditPrepareBatch",
+__all__ = ["EDIT_MODES", "gather_attributes", "attach_case_lesion_labels", "build_edit_cases", "check_edit_inputs", "EditPrepareBatch",
            "EditSamplingInferer", "EditSampleWriter"]
 
 logger = logging.getLogger(__name__)
@@ -268,9 +275,51 @@ def attach_case_attributes(cases: CaseSet, datalist: str | os.PathLike | None, n
     return cases
 
 
+def attach_case_lesion_labels(cases: CaseSet, datalist: str | os.PathLike | None, names: Sequence[str],
+                              user: Sequence[Mapping[str, str]] | None = None) -> CaseSet:
+    """Give every case its per-lesion labels (:mod:`custom.data.lesion_labels`): a datalist case's own findings'
+    labels, lesion by lesion overridden by ``user``'s (``--lesion_labels``); ``case.extra["lesion_labels"]`` (one
+    dict per lesion, for the sidecar) and, when the model reads lesion labels (``names``),
+    ``case.extra["lesion_label_codes"]`` ``(L, K)``. Returns ``cases`` (changed in place).
+
+    Raises:
+        MammoInputError: ``lesion_labels``: labels given to a model without lesion labels, for more lesions than a
+        case has, or a label the model does not read.
+    """
+    names = check_lesion_label_names(names)
+    user = list(user or [])
+    if user and not names:
+        raise MammoInputError("lesion_labels", "the model was trained without lesion labels (lesion_label_names is "
+                                               "empty in its record): leave --lesion_labels out")
+    if not names:
+        return cases
+    entries: dict[str, Mapping[str, Any]] = {}
+    if datalist is not None:
+        path = Path(datalist)
+        path = path / "datalist.json" if path.is_dir() else path
+        try:
+            entries = {str(e["case_id"]): e for split in json.loads(path.read_text()).values() if isinstance(split, list)
+                       for e in split}
+        except (OSError, ValueError):
+            entries = {}
+    for case in cases.cases:
+        n = int(case.conditions.num_lesions)
+        own: list[dict[str, str]] = []
+        if case.name in entries:
+            findings = sorted(entries[case.name].get("findings") or [], key=lambda f: int(f.get("lesion_index", 0)))
+            own = [{k: v for k, v in labels_from_finding(f, case.name).items() if k in names} for f in findings]
+        merged = [{**(own[i] if i < len(own) else {}), **(user[i] if i < len(user) else {})}
+                  for i in range(max(len(own), len(user)))]
+        codes = encode_lesion_labels(merged, names, case.conditions.max_lesions, num_lesions=n)
+        case.extra["lesion_label_codes"] = codes
+        case.extra["lesion_labels"] = decode_lesion_labels(codes[:n], names)
+    return cases
+
+
 def build_edit_cases(*, mode: str = "generate", attributes: Any = None, prompt: str | None = None,
                      attribute_dicom: str | None = None, attribute_names: Sequence[str] | None = (),
-                     shape_bank: str | None = None, **kwargs: Any) -> CaseSet:
+                     shape_bank: str | None = None, lesion_labels: Any = None,
+                     lesion_label_names: Sequence[str] | None = (), **kwargs: Any) -> CaseSet:
     """:func:`custom.engines.inference.build_inference_cases` plus attributes and the ``inpaint`` / ``remove`` modes.
 
     ``kwargs`` are those of ``build_inference_cases``. Each case gets ``case.extra["attributes"]`` (dict) and, when
@@ -278,6 +327,8 @@ def build_edit_cases(*, mode: str = "generate", attributes: Any = None, prompt: 
     folder; mask-free generation only): instead of letting the network draw the breast with the mask dropped, take a
     breast outline of that folder's training split matching the requested view / laterality / area
     (:func:`shape_bank_mask`) and generate a healthy breast inside it (``case.extra["shape_bank"]``).
+    ``lesion_labels`` (``--lesion_labels "birads=5,category=mass; birads=3"``) and the model's ``lesion_label_names``:
+    per-lesion labels (:func:`attach_case_lesion_labels`).
 
     Raises:
         MammoInputError: an unknown mode, bad attributes (see :func:`gather_attributes`), remove mode without a
@@ -288,6 +339,13 @@ def build_edit_cases(*, mode: str = "generate", attributes: Any = None, prompt: 
         raise MammoInputError("mode", f"unknown mode {mode!r} (use {', '.join(EDIT_MODES)})")
     names = check_attribute_names(attribute_names, "attribute_names")
     user = gather_attributes(attributes, prompt, attribute_dicom, names)
+    user_labels = parse_lesion_labels(lesion_labels)
+    label_names = check_lesion_label_names(lesion_label_names)
+    if user_labels and not label_names:
+        raise MammoInputError("lesion_labels", "the model was trained without lesion labels (lesion_label_names is "
+                                               "empty in its record): leave --lesion_labels out")
+    if user_labels and mode == "remove":
+        raise MammoInputError("lesion_labels", "remove mode generates the no-lesion condition: leave --lesion_labels out")
     if shape_bank is not None and (mode != "generate" or kwargs.get("datalist") is not None
                                    or any(kwargs.get(k) is not None for k in _MASK_INPUTS)):
         raise MammoInputError("shape_bank", "only for a whole mammogram from attributes alone (mode generate, no mask "
@@ -339,6 +397,8 @@ def build_edit_cases(*, mode: str = "generate", attributes: Any = None, prompt: 
                 case.mode = "inpaint"
             cases.source["mode"] = "inpaint"
     attach_case_attributes(cases, kwargs.get("datalist"), names, user)
+    if mode != "remove":
+        attach_case_lesion_labels(cases, kwargs.get("datalist"), label_names, user_labels)
     return cases
 
 
@@ -460,7 +520,7 @@ class MaskDropped(nn.Module):
         super().__init__()
         self.network = network
         for name in ("latent_channels", "max_lesions", "extra_concat_channels", "token_sources", "conditioner",
-                     "attribute_names", "time_attributes"):
+                     "attribute_names", "time_attributes", "lesion_label_names"):
             if hasattr(network, name):
                 object.__setattr__(self, name, getattr(network, name))
         if callable(getattr(network, "context", None)):  # so a sampler computes the context once per run
@@ -482,28 +542,23 @@ class MaskDropped(nn.Module):
 
 
 class EditSampleWriter(SampleWriter):
-    """:class:`~custom.engines.inference.SampleWriter` that also records, per case, the attributes, the edit mode's
-    region and mechanism in the sidecar parameters (arguments as the parent)."""
+    """:class:`~custom.engines.inference.SampleWriter` that also records, per case, the attributes, the per-lesion
+    labels, the edit mode's region and mechanism in the sidecar parameters (arguments as the parent; every case of a
+    batch its own)."""
 
-    def __call__(self, engine: Any) -> None:
-        base = self.parameters
-        cases = engine.state.batch["case"]
+    def case_parameters(self, engine: Any, case: Any) -> dict[str, Any]:
         extra: dict[str, Any] = {}
-        if len(cases) == 1:
-            case = cases[0]
-            if case.extra.get("attributes"):
-                extra["attributes"] = dict(case.extra["attributes"])
-            if case.extra.get("notes"):
-                extra["notes"] = list(case.extra["notes"])
-            if case.extra.get("shape_bank"):
-                extra["shape_bank"] = dict(case.extra["shape_bank"])
-            if case.mode in ("inpaint", "remove"):
-                net = getattr(engine, "network", None)
-                extra["edit"] = {"mode": case.mode, "region_pixels": int(np.asarray(case.region).sum()),
-                                 "mechanism": "inpaint" if net is not None and has_inpaint_channels(net) else "keep",
-                                 "image_file": case.extra.get("image_file")}
-        try:
-            self.parameters = {**base, **extra}
-            super().__call__(engine)
-        finally:
-            self.parameters = base
+        if case.extra.get("attributes"):
+            extra["attributes"] = dict(case.extra["attributes"])
+        if case.extra.get("lesion_labels"):
+            extra["lesion_labels"] = [dict(d) for d in case.extra["lesion_labels"]]
+        if case.extra.get("notes"):
+            extra["notes"] = list(case.extra["notes"])
+        if case.extra.get("shape_bank"):
+            extra["shape_bank"] = dict(case.extra["shape_bank"])
+        if case.mode in ("inpaint", "remove"):
+            net = getattr(engine, "network", None)
+            extra["edit"] = {"mode": case.mode, "region_pixels": int(np.asarray(case.region).sum()),
+                             "mechanism": "inpaint" if net is not None and has_inpaint_channels(net) else "keep",
+                             "image_file": case.extra.get("image_file")}
+        return extra

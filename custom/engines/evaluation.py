@@ -206,6 +206,7 @@ def evaluation_cases(
     normaliser_file: str | os.PathLike | None = None,
     mass_only: bool = False,
     attribute_names: Sequence[str] | None = (),
+    lesion_label_names: Sequence[str] | None = (),
 ) -> CaseSet:
     """The test cases with their real image (``extra``): one seed each, ``diversity_samples`` seeds for the first
     ``diversity_cases`` cases with a lesion (their first sample is the one the controllability metrics use).
@@ -217,7 +218,8 @@ def evaluation_cases(
 
     ``attribute_names`` (a model that reads clinical attributes): every case is generated with its own attributes
     from the datalist (:func:`custom.engines.edit.attach_case_attributes`), which the report's attribute fidelity
-    then checks."""
+    then checks. ``lesion_label_names`` (a model that reads per-lesion labels): each lesion gets its own finding's
+    labels (:func:`custom.engines.edit.attach_case_lesion_labels`)."""
     n_div = [0]
     extra = max(1, int(diversity_samples)) if int(diversity_cases) > 0 else 1
 
@@ -255,6 +257,10 @@ def evaluation_cases(
         from custom.engines.edit import attach_case_attributes
 
         attach_case_attributes(cases, Path(prepared_dir) / "datalist.json", names)
+    if lesion_label_names:
+        from custom.engines.edit import attach_case_lesion_labels
+
+        attach_case_lesion_labels(cases, Path(prepared_dir) / "datalist.json", list(lesion_label_names))
     return cases
 
 

@@ -263,8 +263,9 @@ class SampleGridHandler:
             device = self.device or next(self.encoder.parameters()).device
             batch = {k: v.to(device) for k, v in batch.items()}
             batch["mask_latent"] = self.encoder.encode_mask(batch["soft_mask"])
-            if items and all("attributes" in it for it in items):  # attribute codes (custom.data.attributes)
-                batch["attributes"] = torch.stack([torch.as_tensor(it["attributes"]).long() for it in items]).to(device)
+            for key in ("attributes", "lesion_labels"):  # codes (custom.data.attributes / custom.data.lesion_labels)
+                if items and all(key in it for it in items):
+                    batch[key] = torch.stack([torch.as_tensor(it[key]).long() for it in items]).to(device)
             self._batch = batch
         return self._batch
 
@@ -273,7 +274,7 @@ class SampleGridHandler:
         from custom.engines.sampling import ddim_sample
 
         c = self.conditions()
-        extra = {"attributes": c["attributes"]} if "attributes" in c else {}
+        extra = {k: c[k] for k in ("attributes", "lesion_labels") if k in c}
         if getattr(self.network, "extra_concat_channels", 0):  # inpainting model: generate the whole image
             from custom.engines.inpaint import inpaint_concat
 

@@ -750,6 +750,12 @@ class GCDMInferencePrepareBatch:
 
         out = {k: take(batchdata[k]) for k in self.KEYS if k in batchdata}
         out["seeds"] = [int(s) for seeds in batchdata["seeds"] for s in seeds]
+        cases = batchdata.get("case") or []
+        given = [c.extra["lesion_label_codes"] for c in cases if "lesion_label_codes" in c.extra]
+        if given:  # per-slot lesion labels (custom.data.lesion_labels); a case without any: every label "not given"
+            blank = np.full(np.shape(given[0]), -1, dtype=np.int64)
+            out["lesion_labels"] = torch.stack([torch.as_tensor(c.extra.get("lesion_label_codes", blank), dtype=torch.long)
+                                                for c, seeds in zip(cases, batchdata["seeds"]) for _ in seeds]).to(device)
         return take(batchdata["label"]), None, (), out
 
 
@@ -859,6 +865,15 @@ class GCDMSamplingInferer(Inferer):
                 raise MammoInputError("features", "the label map has lesions: their lesion features are required")
             features = torch.zeros(r, slots, int(getattr(getattr(network, "conditioner", None), "radiomic_dim", 67)),
                                    device=label.device)
+        label_names = tuple(getattr(network, "lesion_label_names", ()) or ())
+        if label_names:  # per-slot lesion labels (custom.data.lesion_labels): "not given" unless the rows carry codes
+            codes = extra_cond.get("lesion_labels")
+            if codes is None:
+                codes = torch.full((r, slots, len(label_names)), -1, dtype=torch.long)
+            extra_cond["lesion_labels"] = torch.as_tensor(codes).long().to(label.device)
+        elif extra_cond.get("lesion_labels") is not None:
+            raise MammoInputError("lesion_labels", "the model was trained without lesion labels (lesion_label_names "
+                                                   "is empty in its record): leave --lesion_labels out")
         seeds = list(range(r)) if seeds is None else [int(s) for s in seeds]
         if len(seeds) != r:
             raise ValueError(f"GCDMSamplingInferer: {len(seeds)} seeds for {r} rows")
@@ -1085,6 +1100,10 @@ class SampleWriter:
     def name(case: InferenceCase, seed: int) -> str:
         return f"{case.name}_seed{int(seed)}"
 
+    def case_parameters(self, engine: Engine, case: InferenceCase) -> dict[str, Any]:
+        """Sidecar parameters of one case beside the run's ``parameters`` (none here; a subclass's hook)."""
+        return {}
+
     def __call__(self, engine: Engine) -> None:
         from custom.data.export import export_sample
 
@@ -1093,7 +1112,8 @@ class SampleWriter:
             if self.skip_existing and (self.output_dir / f"{name}.json").is_file():
                 self.skipped.append({"case": case.name, "seed": seed, "reason": "output exists (skip_existing)"})
                 continue
-            params = {**self.parameters, "seed": seed, "sample_index": j, "mode": case.mode}
+            params = {**self.parameters, **self.case_parameters(engine, case), "seed": seed, "sample_index": j,
+                      "mode": case.mode}
             if case.mode == "keep":
                 params["keep_region_pixels"] = int(np.asarray(case.region).sum())
                 params["keep_image"] = case.extra.get("image_file")

@@ -31,9 +31,10 @@ import torch
 from torch import nn
 
 from custom.data.attributes import ATTRIBUTES, NOT_GIVEN, check_attribute_names
+from custom.data.lesion_labels import LESION_LABELS, check_lesion_label_names
 
-__all__ = ["AttributeTokens", "AttributeEmbedding", "attribute_token_sources", "time_attribute_names",
-           "check_attribute_mode", "ATTRIBUTE_MODES", "DEFAULT_ATTRIBUTE_DROP"]
+__all__ = ["AttributeTokens", "AttributeEmbedding", "SlotLabelEmbedding", "attribute_token_sources",
+           "time_attribute_names", "check_attribute_mode", "ATTRIBUTE_MODES", "DEFAULT_ATTRIBUTE_DROP"]
 
 #: ``attribute_mode`` values (module docstring)
 ATTRIBUTE_MODES = ("tokens", "time")
@@ -50,6 +51,8 @@ class AttributeTokens(nn.Module):
         token_dim: the UNet's ``cross_attention_dim``.
         drop_rates: name -> training drop probability in ``[0, 1]`` (default :data:`DEFAULT_ATTRIBUTE_DROP` each).
         init_std: std of the embedding initialisation.
+        vocabulary: name -> values (default :data:`custom.data.attributes.ATTRIBUTES`; the lesion slots use
+            :data:`custom.data.lesion_labels.LESION_LABELS`).
 
     Attributes:
         null_index: ``{name: row of the null token}`` (= the number of values of that attribute).
@@ -57,9 +60,13 @@ class AttributeTokens(nn.Module):
     """
 
     def __init__(self, names: Sequence[str], token_dim: int, drop_rates: Mapping[str, float] | None = None,
-                 init_std: float = 0.02) -> None:
+                 init_std: float = 0.02, vocabulary: Mapping[str, Sequence[str]] | None = None) -> None:
         super().__init__()
+        vocabulary = ATTRIBUTES if vocabulary is None else vocabulary
         self.names = check_attribute_names(names, "attribute_names")
+        missing = [n for n in self.names if n not in vocabulary]
+        if missing:
+            raise ValueError(f"{type(self).__name__}: no vocabulary for {missing}")
         if not self.names:
             raise ValueError("AttributeTokens: at least one attribute name is needed")
         drop_rates = dict(drop_rates or {})
@@ -71,10 +78,10 @@ class AttributeTokens(nn.Module):
             raise ValueError(f"AttributeTokens: drop rates must lie in [0, 1], got {dict(zip(self.names, rates))}")
         self.register_buffer("drop_rates", torch.tensor(rates, dtype=torch.float32), persistent=False)
         self.token_dim = int(token_dim)
-        self.tables = nn.ModuleDict({n: nn.Embedding(len(ATTRIBUTES[n]) + 1, self.token_dim) for n in self.names})
+        self.tables = nn.ModuleDict({n: nn.Embedding(len(vocabulary[n]) + 1, self.token_dim) for n in self.names})
         for table in self.tables.values():
             nn.init.normal_(table.weight, std=init_std)
-        self.null_index = {n: len(ATTRIBUTES[n]) for n in self.names}
+        self.null_index = {n: len(vocabulary[n]) for n in self.names}
         self.last_dropped: torch.Tensor | None = None
 
     @property
@@ -124,6 +131,23 @@ class AttributeEmbedding(AttributeTokens):
 
     def forward(self, codes: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
         return super().forward(codes, drop).sum(dim=1)
+
+
+class SlotLabelEmbedding(AttributeEmbedding):
+    """``(N, K)`` int64 lesion-label codes of ``N`` lesion slots -> ``(N, token_dim)``, the sum of the K label
+    embeddings (:data:`custom.data.lesion_labels.LESION_LABELS`: category, BI-RADS), each with its own learned null
+    row (not given, an empty slot, or dropped: in training each label independently with its own rate).
+
+    :class:`~custom.networks.gcdm.GCDMNetwork` (``lesion_labels``) adds this vector to every token of its slot, after
+    the gated fusion, so a slot's tokens say "this lesion is a BI-RADS 5 mass" next to its radiomics and mask. Arguments
+    as :class:`AttributeTokens`, with ``names`` a subset of ``LESION_LABELS``."""
+
+    def __init__(self, names: Sequence[str], token_dim: int, drop_rates: Mapping[str, float] | None = None,
+                 init_std: float = 0.02) -> None:
+        names = check_lesion_label_names(names)
+        if not names:
+            raise ValueError("SlotLabelEmbedding: at least one lesion label name is needed")
+        super().__init__(names, token_dim, drop_rates, init_std, vocabulary=LESION_LABELS)
 
 
 def check_attribute_mode(mode: object) -> str:

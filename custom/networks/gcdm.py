@@ -32,6 +32,16 @@ Extension points (set from the bundle config, no trainer change needed):
   (:class:`~custom.networks.attributes.AttributeEmbedding` as the UNet's ``class_embedding``, MONAI's own hook); they
   read ``forward(attributes=(B, K) codes)`` at every call (also with a precomputed ``context``), and samples whose
   features and mask are both dropped get every attribute's null.
+* ``lesion_labels``: per-slot lesion labels (category, BI-RADS; :mod:`custom.data.lesion_labels`), read from
+  ``forward(lesion_labels=(B, L, K) codes)``: :class:`~custom.networks.attributes.SlotLabelEmbedding` of a slot's
+  codes is added to each of that slot's tokens after the fusion. Empty slots and samples whose features and mask are
+  both dropped get every label's null; in training each label is also dropped on its own (``lesion_label_drop``).
+  ``lesion_label_mode="spatial"`` puts the labels into the UNet input instead: one more input channel per label,
+  holding ``(code + 1) / n_values`` over each lesion's area at latent resolution (area-pooled lesion mask, the
+  largest value where lesions overlap) and 0 elsewhere, where not given, in empty slots, in the unconditional branch
+  and where the label is dropped in training (:meth:`GCDMNetwork.label_channels`). Concatenated channels are the
+  path the network demonstrably learns at a small budget (it follows the mask), which the cross-attention tokens
+  were measured not to be (bundle/docs/README.md, per-lesion labels).
 """
 
 from __future__ import annotations
@@ -44,7 +54,10 @@ from torch import nn
 
 from .conditioning import LesionConditioner, concat_token_sources, zero_dropped
 
-__all__ = ["GCDMNetwork", "UNET_RESERVED_KWARGS"]
+__all__ = ["GCDMNetwork", "UNET_RESERVED_KWARGS", "LESION_LABEL_MODES"]
+
+#: How per-slot lesion labels enter the network (:class:`GCDMNetwork`'s ``lesion_label_mode``).
+LESION_LABEL_MODES = ("tokens", "spatial")
 
 #: ``DiffusionModelUNet`` arguments that :class:`GCDMNetwork` sets itself (they may not appear in ``unet_kwargs``).
 UNET_RESERVED_KWARGS = ("spatial_dims", "in_channels", "out_channels", "with_conditioning", "cross_attention_dim")
@@ -67,6 +80,10 @@ class GCDMNetwork(nn.Module):
         token_sources: optional name -> module producing extra ``(B, T, token_dim)`` tokens (see module docstring).
         time_attributes: attribute names added to the timestep embedding (``attribute_mode: "time"``); empty = none.
         time_attribute_drop: their per-attribute training drop rates (as ``AttributeTokens``).
+        lesion_labels: per-slot lesion-label names (``lesion_category``, ``lesion_birads``); empty = none.
+        lesion_label_drop: their per-label training drop rates.
+        lesion_label_mode: ``"tokens"`` (added to the slot's cross-attention tokens) or ``"spatial"`` (input
+            channels over the lesion, see the module docstring).
         spatial_dims: 2.
         channels_last: run the UNet in ``torch.channels_last`` memory format (a speed switch on GPUs).
 
@@ -90,6 +107,9 @@ class GCDMNetwork(nn.Module):
         channels_last: bool = False,
         time_attributes: Sequence[str] = (),
         time_attribute_drop: Mapping[str, float] | None = None,
+        lesion_labels: Sequence[str] = (),
+        lesion_label_drop: Mapping[str, float] | None = None,
+        lesion_label_mode: str = "tokens",
     ) -> None:
         super().__init__()
         from monai.networks.nets import DiffusionModelUNet
@@ -118,7 +138,11 @@ class GCDMNetwork(nn.Module):
         self.token_dim = int(conditioner.token_dim)
         self.num_context_tokens = self.max_lesions * int(conditioner.num_tokens)
         self.channels_last = bool(channels_last)
-        self.in_channels = self.latent_channels + self.mask_latent_channels + self.extra_concat_channels
+        if lesion_label_mode not in LESION_LABEL_MODES:
+            raise ValueError(f"lesion_label_mode: must be one of {', '.join(LESION_LABEL_MODES)}, got {lesion_label_mode!r}")
+        self.lesion_label_mode = lesion_label_mode
+        spatial_labels = len(lesion_labels or ()) if lesion_label_mode == "spatial" else 0
+        self.in_channels = self.latent_channels + self.mask_latent_channels + self.extra_concat_channels + spatial_labels
         self.unet = DiffusionModelUNet(
             spatial_dims=spatial_dims,
             in_channels=self.in_channels,
@@ -140,6 +164,21 @@ class GCDMNetwork(nn.Module):
             # MONAI's class-conditioning hook: forward adds class_embedding(class_labels) to the time embedding
             self.unet.class_embedding = AttributeEmbedding(self.time_attributes, width, time_attribute_drop)
             self.unet.num_class_embeds = len(self.time_attributes)
+        self.slot_labels: nn.Module | None = None
+        self.lesion_labels: tuple[str, ...] = ()
+        if lesion_labels:
+            from .attributes import SlotLabelEmbedding
+
+            if "lesion_labels" in self.token_sources:
+                raise ValueError("GCDMNetwork: 'lesion_labels' is the per-slot label input's name; rename the token source")
+            labels = SlotLabelEmbedding(lesion_labels, self.token_dim if lesion_label_mode == "tokens" else 1,
+                                        lesion_label_drop)
+            self.lesion_labels = tuple(labels.names)
+            if lesion_label_mode == "tokens":
+                self.slot_labels = labels
+            else:  # only the names, drop rates and value counts are used
+                self.register_buffer("label_drop_rates", labels.drop_rates.clone(), persistent=False)
+                self.label_values = tuple(labels.null_index[n] for n in self.lesion_labels)
         if self.channels_last:
             self.unet.to(memory_format=torch.channels_last)
 
@@ -159,7 +198,8 @@ class GCDMNetwork(nn.Module):
             lesion_masks: ``(B, L, H, W)`` binary lesion masks, one per slot.
             lesion_present: ``(B, L)`` 1 where the slot holds a lesion, 0 otherwise.
             drop_features, drop_mask: ``(B,)`` bool CFG drop events (``None`` = nothing dropped).
-            extra_inputs: inputs of the extra token sources, by source name.
+            extra_inputs: inputs of the extra token sources, by source name; ``lesion_labels`` ``(B, L, K)`` int
+                codes (``-1`` = not given) when the network reads per-slot lesion labels.
         """
         if features.ndim != 3 or lesion_masks.ndim != 4 or lesion_present.ndim != 2:
             raise ValueError(
@@ -180,6 +220,9 @@ class GCDMNetwork(nn.Module):
             return None if drop is None else drop.to(torch.bool).repeat_interleave(slots)
 
         tokens = self.conditioner(feats, masks, drop_features=per_slot(drop_features), drop_mask=per_slot(drop_mask))
+        if self.slot_labels is not None and self.lesion_label_mode == "tokens":
+            tokens = tokens + self._slot_label_vectors(extra_inputs.get("lesion_labels"), lesion_present,
+                                                       drop_features, drop_mask).to(tokens.dtype)[:, None, :]
         tokens = tokens.reshape(b, slots * tokens.shape[1], tokens.shape[2])
         if not len(self.token_sources):
             return tokens
@@ -193,6 +236,49 @@ class GCDMNetwork(nn.Module):
         for name, module in self.token_sources.items():
             sources[name] = zero_dropped(module(extra_inputs[name]), both).to(tokens.dtype)
         return concat_token_sources(sources, ["lesion", *self.token_sources])
+
+    def _slot_codes(self, codes: torch.Tensor | None, lesion_present: torch.Tensor,
+                    drop_features: torch.Tensor | None, drop_mask: torch.Tensor | None) -> torch.Tensor:
+        """``(B, L, K)`` label codes, forced to "not given" (-1) in empty slots and in samples whose features and
+        mask are both dropped (the unconditional branch)."""
+        b, slots = lesion_present.shape
+        k = len(self.lesion_labels)
+        if codes is None or codes.ndim != 3 or tuple(codes.shape) != (b, slots, k):
+            got = None if codes is None else tuple(codes.shape)
+            raise ValueError(f"GCDMNetwork: lesion_labels (B={b}, L={slots}, {k}) codes expected for "
+                             f"{list(self.lesion_labels)}, got {got}")
+        codes = codes.long().to(lesion_present.device)
+        off = lesion_present <= 0
+        if drop_features is not None and drop_mask is not None:
+            both = (drop_features.to(torch.bool) & drop_mask.to(torch.bool)).to(off.device)
+            off = off | both[:, None]
+        return torch.where(off[..., None], torch.full_like(codes, -1), codes)
+
+    def _slot_label_vectors(self, codes: torch.Tensor | None, lesion_present: torch.Tensor,
+                            drop_features: torch.Tensor | None, drop_mask: torch.Tensor | None) -> torch.Tensor:
+        """``(B * L, token_dim)`` label vectors of the slots (``lesion_label_mode="tokens"``)."""
+        assert self.slot_labels is not None
+        b, slots = lesion_present.shape
+        codes = self._slot_codes(codes, lesion_present, drop_features, drop_mask)
+        return self.slot_labels(codes.reshape(b * slots, len(self.lesion_labels)))
+
+    def label_channels(self, codes: torch.Tensor | None, lesion_masks: torch.Tensor, lesion_present: torch.Tensor,
+                       size: Sequence[int], drop_features: torch.Tensor | None = None,
+                       drop_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The ``lesion_label_mode="spatial"`` input channels ``(B, K, h, w)`` in ``[0, 1]``: label ``k`` of slot
+        ``s`` is ``(code + 1) / n_values_k`` (0 when not given, in an empty slot or in the unconditional branch) times
+        the slot's lesion mask area-pooled to ``size``; the largest value where lesions overlap. In training each
+        label of each sample is zeroed with its own drop rate (``lesion_label_drop``)."""
+        b, slots = lesion_present.shape
+        codes = self._slot_codes(codes, lesion_present, drop_features, drop_mask)
+        n_values = torch.tensor(self.label_values, dtype=lesion_masks.dtype, device=lesion_masks.device)
+        value = (codes.to(lesion_masks.device).to(lesion_masks.dtype) + 1.0) / n_values  # (B, L, K); -1 -> 0
+        if self.training:
+            rates = self.label_drop_rates.to(lesion_masks.device)
+            keep = torch.rand(b, 1, len(self.lesion_labels), device=lesion_masks.device) >= rates
+            value = value * keep.to(value.dtype)
+        area = torch.nn.functional.adaptive_avg_pool2d(lesion_masks.float(), tuple(int(v) for v in size))  # (B, L, h, w)
+        return (value[..., None, None] * area[:, :, None].to(value.dtype)).amax(dim=1)
 
     def forward(
         self,
@@ -221,7 +307,9 @@ class GCDMNetwork(nn.Module):
                 ``features`` / ``lesion_masks`` / ``lesion_present`` / drop flags / ``extra_inputs``. It does not
                 depend on ``x`` or ``timesteps``, so a sampler computes it once per run instead of once per step;
                 when given, ``features``, ``lesion_masks``, ``lesion_present``, ``drop_features`` and
-                ``extra_inputs`` are not read again (``drop_mask`` still zeroes the mask-latent channels).
+                ``extra_inputs`` are not read again (``drop_mask`` still zeroes the mask-latent channels; with
+                ``lesion_label_mode="spatial"`` the label channels still read ``lesion_masks``, ``lesion_present``,
+                the drop flags and ``extra_inputs["lesion_labels"]``).
 
         Returns:
             ``(B, latent_channels, h, w)`` predicted noise.
@@ -237,6 +325,9 @@ class GCDMNetwork(nn.Module):
                 got = None if extra_concat is None else tuple(extra_concat.shape)
                 raise ValueError(f"GCDMNetwork: extra_concat must have {self.extra_concat_channels} channels, got {got}")
             parts.append(extra_concat.to(x.dtype))
+        if self.lesion_labels and self.lesion_label_mode == "spatial":
+            parts.append(self.label_channels(extra_inputs.get("lesion_labels"), lesion_masks, lesion_present,
+                                             x.shape[2:], drop_features, drop_mask).to(x.dtype))
         if any(p.shape[0] != x.shape[0] or p.shape[2:] != x.shape[2:] for p in parts):
             raise ValueError(f"GCDMNetwork: concat inputs disagree in shape: {[tuple(p.shape) for p in parts]}")
         h = torch.cat(parts, dim=1)
@@ -267,6 +358,11 @@ class GCDMNetwork(nn.Module):
             return self.time_attributes
         src = self.token_sources["attributes"] if "attributes" in self.token_sources else None
         return tuple(src.names) if src is not None else ()
+
+    @property
+    def lesion_label_names(self) -> tuple[str, ...]:
+        """The per-slot lesion labels the network reads, in code order (empty when none)."""
+        return self.lesion_labels
 
     def extra_repr(self) -> str:
         return (

@@ -21,9 +21,12 @@ Request (MONAI Label ``POST /infer/mammo_gcdm?image=<id>``; multipart ``label`` 
 ``attributes``      clinical attributes, ``"view=MLO,density=D,area=small"`` or ``{"view": "MLO", ...}`` (a model
                     trained with ``attribute_names``; see ``custom/data/attributes.py``)
 ``prompt``          a MAM-E-style prompt, ``"a siemens mammogram in MLO view with high density"``
+``lesion_labels``   per-lesion labels, ``"birads=5,category=mass; birads=3"`` or ``[{"birads": 5}, ...]`` (a model
+                    trained with ``lesion_label_names``; see ``custom/data/lesion_labels.py``)
 ==================  ================================================================================================
 
-``attributes`` / ``prompt`` are checked here for their form only (text of letters, digits, spaces and ``= , - _ .``,
+``attributes`` / ``prompt`` / ``lesion_labels`` are checked here for their form only (text of letters, digits, spaces
+and ``= , - _ .``, ``;`` between lesions,
 at most 300 characters: nothing in them can reach the product's configuration as an expression); their names,
 values and words are checked by the product's own parser (``custom.data.attributes``), whose one-line error comes
 back as a 400 before any sampling.
@@ -114,6 +117,7 @@ def _seed(value: Any) -> int:
 
 
 _ATTRIBUTE_TEXT = re.compile(r"[A-Za-z0-9 =,._-]*")
+_LESION_LABEL_TEXT = re.compile(r"[A-Za-z0-9 =,._;-]*")
 MAX_ATTRIBUTE_TEXT = 300
 
 
@@ -123,19 +127,30 @@ def _attribute_text(request: dict, key: str) -> str | None:
     value = request.get(key)
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    if key == "attributes" and isinstance(value, dict):
+
+    def pairs(obj: dict) -> str:
         parts = []
-        for name, v in value.items():
-            if not isinstance(v, (str, int)) or isinstance(v, bool) or any(c in f"{name}{v}" for c in ",="):
-                raise _http(400, f"attributes: each value must be a plain word or number, got {name}={_short(v)}")
+        for name, v in obj.items():
+            if not isinstance(v, (str, int)) or isinstance(v, bool) or any(c in f"{name}{v}" for c in ",=;"):
+                raise _http(400, f"{key}: each value must be a plain word or number, got {name}={_short(v)}")
             parts.append(f"{name}={v}")
-        value = ",".join(parts)
+        return ",".join(parts)
+
+    if key == "attributes" and isinstance(value, dict):
+        value = pairs(value)
+    elif key == "lesion_labels" and isinstance(value, list):
+        if not all(isinstance(v, dict) for v in value):
+            raise _http(400, f"lesion_labels: a list must hold one object per lesion, got {_short(value)}")
+        value = "; ".join(pairs(v) for v in value)
     if not isinstance(value, str):
-        what = "text such as 'view=MLO,density=D' or an object {name: value}" if key == "attributes" else "text"
+        what = {"attributes": "text such as 'view=MLO,density=D' or an object {name: value}",
+                "lesion_labels": "text such as 'birads=5,category=mass; birads=3' or a list of objects"}.get(key, "text")
         raise _http(400, f"{key} must be {what}, got {_short(value)}")
     text = " ".join(value.split())
-    if len(text) > MAX_ATTRIBUTE_TEXT or not _ATTRIBUTE_TEXT.fullmatch(text):
-        raise _http(400, f"{key}: at most {MAX_ATTRIBUTE_TEXT} characters of letters, digits, spaces and = , - _ . "
+    pattern = _LESION_LABEL_TEXT if key == "lesion_labels" else _ATTRIBUTE_TEXT
+    if len(text) > MAX_ATTRIBUTE_TEXT or not pattern.fullmatch(text):
+        extra = " ;" if key == "lesion_labels" else ""
+        raise _http(400, f"{key}: at most {MAX_ATTRIBUTE_TEXT} characters of letters, digits, spaces and = , - _ .{extra} "
                          f"are accepted, got {_short(value)}")
     return text
 
@@ -177,6 +192,7 @@ class SynthesisTask(InferTask):
             "format": ["nii", "dcm", "png"],
             "attributes": "",
             "prompt": "",
+            "lesion_labels": "",
         }
         super().__init__(type=InferType.SCRIBBLES, labels=dict(LABELS), dimension=2, description=description,
                          config=config)
@@ -296,6 +312,7 @@ class SynthesisTask(InferTask):
             raise _http(400, f"steps must be an integer in [1, {MAX_STEPS}], got {_short(request.get('steps'))}")
         attributes = _attribute_text(request, "attributes")
         prompt = _attribute_text(request, "prompt")
+        lesion_labels = _attribute_text(request, "lesion_labels")
 
         drawing, boxes = self._drawing(request)
         n_lesions = len(boxes) if boxes else count_lesions(drawing.lesion)
@@ -312,7 +329,7 @@ class SynthesisTask(InferTask):
                 raise _http(500, f"cannot read the lesion features: {err}") from None
 
             args: dict[str, Any] = {"mode": MODES[mode], "feature_file": str(feature_file),
-                                    "attributes": attributes, "prompt": prompt}
+                                    "attributes": attributes, "prompt": prompt, "lesion_labels": lesion_labels}
             replacements = [(str(tmp) + os.sep, ""), ("drawn_label.png", "the drawn label"),
                             ("drawn_lesion.png", "the drawn lesion"), ("drawn_breast.png", "the drawn breast"),
                             ("auto_breast.png", "the breast found in the image"),
@@ -365,6 +382,7 @@ class SynthesisTask(InferTask):
                 "features": request_record,
                 "attributes": attributes,
                 "prompt": prompt,
+                "lesion_labels": lesion_labels,
                 "lesion": ({"boxes": boxes} if boxes else {"drawn_pixels": int(drawing.lesion.sum()),
                                                             "label_rule": drawing.how}),
                 "breast": "drawn" if breast is not None else "found in the source image",
