@@ -6,7 +6,8 @@ Reads the loss-curve CSVs the training handlers write (``runs/autoencoder/loss_c
 ``reconstruction_grid.png`` and the latest evaluation figure grid to ``evaluation_grid.png``. With
 ``--diversity_eval EVAL_DIR --prepared_dir P`` it also draws ``diversity_grid.png`` (:func:`diversity_figure`); with
 ``--cohort DIR`` (a ``synthesize`` output folder) ``synthetic_cohort.png`` (:func:`cohort_figure`); with
-``--density_studies DIR[=label] ...`` (``edit_study`` output folders) ``density_control.png`` (:func:`density_figure`).
+``--density_studies DIR[=label] ...`` (``edit_study`` output folders) ``density_control.png`` (:func:`density_figure`);
+with ``--lesion_label_study DIR`` ``lesion_labels.png`` (:func:`lesion_label_figure`).
 """
 
 from __future__ import annotations
@@ -240,6 +241,68 @@ def density_figure(studies: list[tuple[str | Path, str]], output: str | Path, n_
     return _save(fig, output)
 
 
+def lesion_label_figure(study_dir: str | Path, output: str | Path, n_cases: int = 4, margin: int = 6) -> Path:
+    """Per-lesion BI-RADS asked for (:mod:`custom.engines.lesion_label_study`): for the first ``n_cases`` test lesions
+    one row of crops around lesion 0 - the real lesion, then the samples generated at BI-RADS 2 and 5 with the
+    lesion's own features and with the neutral features (same mask, same seed) - each titled with the reader's
+    probability of "malignant-looking".
+
+    Raises:
+        ValueError: a folder without the study's ``lesion_label_study.json``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from custom.data.training import prepared_transforms
+
+    root = Path(study_dir)
+    try:
+        res = json.loads((root / "lesion_label_study.json").read_text())
+        conds = res["conditions"]
+        size, seed = int(res["settings"]["image_size"]), int(res["settings"]["seed"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{root}: not a lesion-label study ({err!r})") from None
+    prepared = root / "prepared" / "own"
+    entries = {e["case_id"]: e for e in json.loads((prepared / "datalist.json").read_text())["test"]}
+    ids = [c for c in conds["own features"]["per_case"] if c in entries and c in conds["neutral features"]["per_case"]]
+    ids = ids[: int(n_cases)]
+    if not ids:
+        raise ValueError(f"{root}: no case to draw")
+    xf = prepared_transforms(image_size=size, max_lesions=8)
+    columns = [("real", None, None)] + [(f"{src.split()[0]} f., BI-RADS {r}", src, r)
+                                        for src in ("own features", "neutral features") for r in ("2", "5")]
+    fig, axes = plt.subplots(len(ids), len(columns), figsize=(1.6 * len(columns), 1.75 * len(ids)), squeeze=False)
+    for i, cid in enumerate(ids):
+        e = entries[cid]
+        item = xf({"image": str(prepared / e["image"]), "label": str(prepared / e["label"]),
+                   "lesions": str(prepared / e["lesions"]), "features": np.zeros((8, 67), np.float32),
+                   "lesion_present": np.zeros(8, np.float32)})
+        mask = item["lesion_masks"][0].numpy() > 0
+        rows, cols = np.nonzero(mask)
+        r0, r1 = max(0, rows.min() - margin), min(size, rows.max() + margin + 1)
+        c0, c1 = max(0, cols.min() - margin), min(size, cols.max() + margin + 1)
+        for j, (title, src, request) in enumerate(columns):
+            ax = axes[i, j]
+            ax.axis("off")
+            if src is None:
+                image = item["image"][0].numpy()
+                birads = next((f.get("birads") for f in e.get("findings", []) if int(f.get("lesion_index", 0)) == 0), "")
+                ax.set_title(f"real ({str(birads).replace('BI-RADS ', 'BI-RADS ')})", fontsize=7)
+            else:
+                with Image.open(root / src.split()[0] / request / f"{cid}_seed{seed}.png") as im:
+                    image = np.asarray(im, dtype=np.float32) / 65535.0
+                p = conds[src]["per_case"][cid][request]
+                ax.set_title(f"{title}\nP(mal.) {p:.2f}", fontsize=6)
+            ax.imshow(image[r0:r1, c0:c1], cmap="gray", vmin=0, vmax=1)
+            ax.contour(mask[r0:r1, c0:c1], levels=[0.5], colors="y", linewidths=0.4)
+    fig.suptitle("Per-lesion BI-RADS asked for (phantom; same mask and seed per row; yellow: the lesion mask)",
+                 fontsize=8)
+    return _save(fig, output)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default="runs")
@@ -250,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cohort", default=None, help="a synthesize output folder: also write synthetic_cohort.png")
     ap.add_argument("--density_studies", nargs="+", default=None, metavar="DIR[=label]",
                     help="edit_study output folders: also write density_control.png (one row per study and mask)")
+    ap.add_argument("--lesion_label_study", default=None,
+                    help="a lesion_label_study output folder: also write lesion_labels.png")
     args = ap.parse_args(argv)
     if args.diversity_eval and not args.prepared_dir:
         ap.error("--diversity_eval needs --prepared_dir")
@@ -263,6 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.density_studies:
         studies = [(d.partition("=")[0], d.partition("=")[2] or Path(d).name) for d in args.density_studies]
         written.append(density_figure(studies, output / "density_control.png"))
+    if args.lesion_label_study:
+        written.append(lesion_label_figure(args.lesion_label_study, output / "lesion_labels.png"))
     evaluation = sorted((runs / "evaluation").glob("*/figure_grid.png"), key=lambda p: p.stat().st_mtime)
     for src, name in ((_latest(runs / "diffusion" / "samples"), "sample_grid.png"),
                       (runs / "autoencoder" / "reconstruction_latest.png", "reconstruction_grid.png"),

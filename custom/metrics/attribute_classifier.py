@@ -41,7 +41,7 @@ from custom.errors import MammoInputError
 from custom.io import atomic_path
 from custom.metrics.fidelity import attribute_accuracy
 
-__all__ = ["HEADS", "AttributeClassifier", "DensityReader", "dense_fraction", "load_images", "items_from_prepared", "train_attribute_classifier",
+__all__ = ["HEADS", "AttributeClassifier", "DensityReader", "MalignancyReader", "dense_fraction", "load_images", "items_from_prepared", "train_attribute_classifier",
            "predict_attributes", "attribute_fidelity", "save_classifier", "load_classifier", "main"]
 
 #: head -> class names.
@@ -240,6 +240,64 @@ class DensityReader:
     def read_images(self, images: torch.Tensor) -> list[str]:
         """``(N, 1, H, W)`` images in [0, 1] -> density classes."""
         return self.read([dense_fraction(im[0].cpu().numpy()) for im in images])
+
+
+class MalignancyReader:
+    """Benign-looking (BI-RADS 2-3) vs malignant-looking (BI-RADS 4-5) from a lesion's 67 normalised radiomic features:
+    L2-regularised logistic regression on standardised features, fitted by Newton's method (deterministic, no
+    library beyond numpy). The reconstruction-loop check of a requested per-lesion BI-RADS
+    (:mod:`custom.data.lesion_labels`): fitted on real training lesions, its accuracy on real held-out lesions is the
+    ceiling for generated ones.
+
+    Args:
+        weights: ``(F,)`` coefficients on the standardised features; ``bias``: intercept; ``mean`` / ``scale``:
+            ``(F,)`` standardisation (``scale`` > 0).
+    """
+
+    classes = ("benign", "malignant")
+
+    def __init__(self, weights: Sequence[float], bias: float, mean: Sequence[float], scale: Sequence[float]) -> None:
+        self.weights = np.asarray(weights, dtype=np.float64)
+        self.bias = float(bias)
+        self.mean = np.asarray(mean, dtype=np.float64)
+        self.scale = np.asarray(scale, dtype=np.float64)
+        if not (self.weights.shape == self.mean.shape == self.scale.shape and self.weights.ndim == 1) \
+                or (self.scale <= 0).any():
+            raise ValueError("MalignancyReader: weights, mean and scale must be (F,) with scale > 0")
+
+    @classmethod
+    def fit(cls, features: Any, malignant: Sequence[bool], l2: float = 1.0, iterations: int = 50) -> "MalignancyReader":
+        """Fit on ``features`` ``(N, F)`` and labels (True = BI-RADS 4-5); both classes are needed."""
+        x = np.asarray(features, dtype=np.float64)
+        y = np.asarray(malignant, dtype=np.float64)
+        if x.ndim != 2 or y.shape != (x.shape[0],):
+            raise ValueError(f"MalignancyReader.fit: (N, F) features and N labels expected, got {x.shape} and {y.shape}")
+        if y.min() == y.max():
+            raise ValueError("MalignancyReader.fit: both benign and malignant lesions are needed")
+        mean, scale = x.mean(0), x.std(0)
+        scale = np.where(scale > 1e-12, scale, 1.0)
+        z = np.hstack([(x - mean) / scale, np.ones((x.shape[0], 1))])
+        w = np.zeros(z.shape[1])
+        reg = np.full(z.shape[1], float(l2))
+        reg[-1] = 0.0  # no penalty on the intercept
+        for _ in range(int(iterations)):
+            p = 1.0 / (1.0 + np.exp(-(z @ w)))
+            grad = z.T @ (p - y) + reg * w
+            hess = (z * (p * (1 - p))[:, None]).T @ z + np.diag(reg) + 1e-9 * np.eye(z.shape[1])
+            step = np.linalg.solve(hess, grad)
+            w -= step
+            if np.abs(step).max() < 1e-10:
+                break
+        return cls(w[:-1], w[-1], mean, scale)
+
+    def probability(self, features: Any) -> np.ndarray:
+        """``(N,)`` probability of "malignant-looking" for ``(N, F)`` features."""
+        x = np.atleast_2d(np.asarray(features, dtype=np.float64))
+        return 1.0 / (1.0 + np.exp(-(((x - self.mean) / self.scale) @ self.weights + self.bias)))
+
+    def read(self, features: Any) -> list[str]:
+        """``"benign"`` / ``"malignant"`` per lesion (probability >= 0.5 -> malignant)."""
+        return [self.classes[int(p >= 0.5)] for p in self.probability(features)]
 
 
 def save_classifier(model: AttributeClassifier, path: str | os.PathLike) -> None:
