@@ -114,7 +114,7 @@ def _network(max_lesions=2, labels=("lesion_birads",), drop=0.0, mode="radiomics
         conditioner={"mode": mode, "radiomic_dim": 67, "token_dim": 16, "num_tokens": 2, "hidden_dim": 16},
         unet_kwargs={"channels": [8, 8], "attention_levels": [False, True], "num_res_blocks": 1, "num_head_channels": 8,
                      "norm_num_groups": 4},
-        lesion_labels=list(labels), lesion_label_drop={n: drop for n in labels},
+        lesion_labels=list(labels), lesion_label_drop={n: drop for n in labels}, lesion_label_mode="tokens",
     )
 
 
@@ -274,13 +274,13 @@ def test_lesion_labels_reach_the_model_and_the_sidecar(label_model, prepared_dir
     from custom.networks.gcdm import GCDMNetwork
 
     seen: list[torch.Tensor] = []
-    real = GCDMNetwork._slot_label_vectors
+    real = GCDMNetwork._slot_codes
 
     def spy(self, codes, *args, **kwargs):
         seen.append(codes.detach().clone())
         return real(self, codes, *args, **kwargs)
 
-    monkeypatch.setattr(GCDMNetwork, "_slot_label_vectors", spy)
+    monkeypatch.setattr(GCDMNetwork, "_slot_codes", spy)
     case = _one_lesion_case(prepared_dir)
     out = tmp_path / "out"
     _infer(label_model, prepared_dir, case_id="lab", seed=1, output_dir=str(out),
@@ -385,6 +385,8 @@ def test_lesion_label_study_smoke(label_model, prepared_dir, tmp_path):
     sides = [json.loads(p.read_text()) for p in (tmp_path / "study" / "neutral" / "5").glob("*_seed0.json")]
     assert sides and all(s["parameters"]["lesion_labels"][0]["lesion_birads"] == "5" for s in sides)
     assert json.loads((tmp_path / "study" / "lesion_label_study.json").read_text())["settings"]["ddim_steps"] == 2
+    reach = res["context_reach"][str(label_model)]
+    assert reach["n"] == 2 and reach["features"] >= 0 and reach["context"] >= 0 and reach["eps_mean_abs"] > 0
 
     # the doc figure from that folder: one row per case, real + 4 generated crops titled with the reader's reading
     import sys
@@ -402,3 +404,33 @@ def test_lesion_label_study_smoke(label_model, prepared_dir, tmp_path):
     assert len(titles) == 5 and titles[0].startswith("real") and titles[-1].endswith(f"P(mal.) {p:.2f}")
     with pytest.raises(ValueError, match="not a lesion-label study"):
         lesion_label_figure(tmp_path, tmp_path / "x.png")
+
+
+def test_context_reach_hand_made_networks():
+    """A network whose noise prediction ignores the context reaches 0; one that adds the mean context token to every
+    output reaches exactly |Δ mean token| / mean |eps| (computed by hand here)."""
+    from custom.engines.lesion_label_study import context_reach
+
+    class Fake(torch.nn.Module):
+        latent_channels = 1
+
+        def __init__(self, uses_context: bool):
+            super().__init__()
+            self.uses = uses_context
+
+        def context(self, features, lesion_masks, lesion_present, drop_features=None, drop_mask=None, **_):
+            ctx = features.mean(-1, keepdim=True)  # (B, L, 1)
+            return torch.where(drop_features.view(-1, 1, 1), torch.zeros_like(ctx), ctx)
+
+        def forward(self, x, t, mask_latent, *args, context=None, **_):
+            return x + (context.mean((1, 2)).view(-1, 1, 1, 1) if self.uses else 0.0)
+
+    b = 3
+    feats, alt = torch.full((b, 2, 4), 0.5), torch.full((b, 2, 4), 0.2)
+    args = (torch.zeros(b, 2, 4, 4), feats, alt, torch.zeros(b, 2, 8, 8), torch.ones(b, 2))
+    assert context_reach(Fake(False), *args) == {**context_reach(Fake(False), *args), "features": 0.0, "context": 0.0}
+    got = context_reach(Fake(True), *args, seed=3)
+    x = torch.randn((b, 1, 4, 4), generator=torch.Generator().manual_seed(3))
+    scale = (x + 0.5).abs().mean().item()
+    assert abs(got["features"] - 0.3 / scale) < 1e-6 and abs(got["context"] - 0.5 / scale) < 1e-6
+    assert abs(got["eps_mean_abs"] - scale) < 1e-6 and got["n"] == b

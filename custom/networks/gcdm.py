@@ -82,8 +82,8 @@ class GCDMNetwork(nn.Module):
         time_attribute_drop: their per-attribute training drop rates (as ``AttributeTokens``).
         lesion_labels: per-slot lesion-label names (``lesion_category``, ``lesion_birads``); empty = none.
         lesion_label_drop: their per-label training drop rates.
-        lesion_label_mode: ``"tokens"`` (added to the slot's cross-attention tokens) or ``"spatial"`` (input
-            channels over the lesion, see the module docstring).
+        lesion_label_mode: ``"spatial"`` (input channels over the lesion, the default) or ``"tokens"`` (added to
+            the slot's cross-attention tokens), see the module docstring.
         spatial_dims: 2.
         channels_last: run the UNet in ``torch.channels_last`` memory format (a speed switch on GPUs).
 
@@ -109,7 +109,7 @@ class GCDMNetwork(nn.Module):
         time_attribute_drop: Mapping[str, float] | None = None,
         lesion_labels: Sequence[str] = (),
         lesion_label_drop: Mapping[str, float] | None = None,
-        lesion_label_mode: str = "tokens",
+        lesion_label_mode: str = "spatial",
     ) -> None:
         super().__init__()
         from monai.networks.nets import DiffusionModelUNet
