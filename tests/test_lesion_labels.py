@@ -434,3 +434,28 @@ def test_context_reach_hand_made_networks():
     scale = (x + 0.5).abs().mean().item()
     assert abs(got["features"] - 0.3 / scale) < 1e-6 and abs(got["context"] - 0.5 / scale) < 1e-6
     assert abs(got["eps_mean_abs"] - scale) < 1e-6 and got["n"] == b
+
+
+def test_case_labels_merge_the_findings_and_the_user_lesion_by_lesion(tmp_path):
+    """A datalist case's own findings, overridden lesion by lesion by --lesion_labels; findings beyond the model's
+    slots are left out (as in training), a user group beyond the case's lesions is refused."""
+    from types import SimpleNamespace
+
+    from custom.engines.edit import attach_case_lesion_labels
+
+    findings = [{"lesion_index": i, "category": "Mass", "birads": f"BI-RADS {b}"} for i, b in enumerate((3, 4, 5))]
+    (tmp_path / "datalist.json").write_text(json.dumps({"test": [{"case_id": "c1", "findings": findings}]}))
+
+    def cases(n):
+        case = SimpleNamespace(name="c1", conditions=SimpleNamespace(num_lesions=n, max_lesions=2), extra={})
+        return SimpleNamespace(cases=[case])
+
+    got = attach_case_lesion_labels(cases(3), tmp_path / "datalist.json", ["lesion_birads"], [{}, {"lesion_birads": "2"}])
+    case = got.cases[0]
+    assert case.extra["lesion_label_codes"].tolist() == [[1], [0]]  # own BI-RADS 3, then the user's 2
+    assert case.extra["lesion_labels"] == [{"lesion_birads": "3"}, {"lesion_birads": "2"}]
+    msg = _msg(lambda: attach_case_lesion_labels(cases(1), tmp_path, ["lesion_birads"], [{}, {"lesion_birads": "2"}]))
+    assert msg.startswith("lesion_labels:") and "the case has 1 lesion" in msg
+    assert "trained without lesion labels" in _msg(lambda: attach_case_lesion_labels(cases(1), None, [], [{"lesion_birads": "2"}]))
+    untouched = cases(1)
+    assert attach_case_lesion_labels(untouched, None, [], None).cases[0].extra == {}

@@ -308,6 +308,7 @@ def attach_case_lesion_labels(cases: CaseSet, datalist: str | os.PathLike | None
         if case.name in entries:
             findings = sorted(entries[case.name].get("findings") or [], key=lambda f: int(f.get("lesion_index", 0)))
             own = [{k: v for k, v in labels_from_finding(f, case.name).items() if k in names} for f in findings]
+            own = own[: case.conditions.max_lesions]  # lesions beyond the slots get no condition (as training)
         merged = [{**(own[i] if i < len(own) else {}), **(user[i] if i < len(user) else {})}
                   for i in range(max(len(own), len(user)))]
         codes = encode_lesion_labels(merged, names, case.conditions.max_lesions, num_lesions=n)
