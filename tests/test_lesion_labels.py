@@ -352,7 +352,7 @@ def test_malignancy_reader_matches_a_reference_optimiser():
 def test_neutral_copy_holds_the_training_median_row(prepared_dir, tmp_path):
     import csv
 
-    from custom.engines.lesion_label_study import neutral_prepared_copy
+    from custom.workflows.lesion_label_study import neutral_prepared_copy
     from custom.features import FEATURE_NAMES
 
     src = Path(prepared_dir)
@@ -372,7 +372,7 @@ def test_neutral_copy_holds_the_training_median_row(prepared_dir, tmp_path):
 
 
 def test_lesion_label_study_smoke(label_model, prepared_dir, tmp_path):
-    from custom.engines.lesion_label_study import REQUESTS, fit_reader, model_frame_lesions, run_study
+    from custom.workflows.lesion_label_study import REQUESTS, fit_reader, model_frame_lesions, run_study
 
     res = run_study(prepared_dir, label_model, tmp_path / "study", ddim_steps=2, seed=0, max_cases=2)
     lesions = model_frame_lesions(prepared_dir, ("training", "validation", "test"), 32)
@@ -409,7 +409,7 @@ def test_lesion_label_study_smoke(label_model, prepared_dir, tmp_path):
 def test_context_reach_hand_made_networks():
     """A network whose noise prediction ignores the context reaches 0; one that adds the mean context token to every
     output reaches exactly |Δ mean token| / mean |eps| (computed by hand here)."""
-    from custom.engines.lesion_label_study import context_reach
+    from custom.workflows.lesion_label_study import context_reach
 
     class Fake(torch.nn.Module):
         latent_channels = 1

@@ -242,7 +242,7 @@ def density_figure(studies: list[tuple[str | Path, str]], output: str | Path, n_
 
 
 def lesion_label_figure(study_dir: str | Path, output: str | Path, n_cases: int = 4, margin: int = 6) -> Path:
-    """Per-lesion BI-RADS asked for (:mod:`custom.engines.lesion_label_study`): for the first ``n_cases`` test lesions
+    """Per-lesion BI-RADS asked for (:mod:`custom.workflows.lesion_label_study`): for the first ``n_cases`` test lesions
     one row of crops around lesion 0 - the real lesion, then the samples generated at BI-RADS 2 and 5 with the
     lesion's own features and with the neutral features (same mask, same seed) - each titled with the reader's
     probability of "malignant-looking".

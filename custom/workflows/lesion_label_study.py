@@ -21,7 +21,7 @@ For a model trained with ``lesion_label_names`` (:mod:`custom.data.lesion_labels
 
 CLI::
 
-    python -m custom.engines.lesion_label_study --prepared_dir data/prepared --ckpt_dir runs/label_models \\
+    python -m custom.workflows.lesion_label_study --prepared_dir data/prepared --ckpt_dir runs/label_models \\
         --output runs/lesion_label_study [--ddim_steps 20 --seed 0 --max_cases N]
 
 Writes ``<output>/lesion_label_study.json`` (and the samples under ``<output>/<features>/<request>/``).
