@@ -42,16 +42,23 @@ class WeightedMSELoss(nn.Module):
     (:class:`custom.engines.diffusion.GCDMPrepareBatch` with ``snr_gamma``), so the target arrives as
     ``(target, weight)``. A plain tensor target gives exactly ``torch.nn.MSELoss()(pred, target)``.
 
-    Shapes: ``pred``, ``target`` ``(B, C, H, W)`` (any trailing dims); ``weight`` ``(B,)``.
+    Shapes: ``pred``, ``target`` ``(B, C, H, W)`` (any trailing dims); ``weight`` ``(B,)``, or ``(B, 1, H, W)``
+    per element (broadcast over the channels; the lesion-weighted loss, ``lesion_loss_weight``): then the loss is
+    ``mean(w * (pred - target)^2)`` over every element, again without renormalisation.
     """
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         if isinstance(target, torch.Tensor):
             return nn.functional.mse_loss(pred, target)
         target, weight = target
+        sq = (pred.float() - target.float()).pow(2)
+        if weight.ndim == pred.ndim and weight.shape[0] == pred.shape[0] and weight.shape[1] == 1 \
+                and weight.shape[2:] == pred.shape[2:]:
+            return (weight.to(sq) * sq).mean()
         if weight.ndim != 1 or weight.shape[0] != pred.shape[0]:
-            raise ValueError(f"WeightedMSELoss: weight must be (B,) = ({pred.shape[0]},), got {tuple(weight.shape)}")
-        per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+            raise ValueError(f"WeightedMSELoss: weight must be (B,) = ({pred.shape[0]},) or (B, 1, *spatial), got "
+                             f"{tuple(weight.shape)}")
+        per_sample = sq.flatten(1).mean(1)
         return (weight.to(per_sample) * per_sample).mean()
 
 

@@ -451,6 +451,43 @@ def test_min_snr_weights_and_weighted_loss(prediction_type):
         WeightedMSELoss()(pred, (target, weight[:2]))
 
 
+def test_lesion_weighted_loss_hand_computed():
+    """lesion_loss_weight w: per latent cell 1 + (w - 1) * (share of the cell covered by the union of the present
+    lesions), times the Min-SNR weight when both are on; the loss is mean(weight * squared error)."""
+    from monai.networks.schedulers import DDPMScheduler
+
+    from custom.engines.diffusion import GCDMPrepareBatch
+    from custom.losses import WeightedMSELoss
+
+    sched = DDPMScheduler(1000, schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195)
+    masks = torch.zeros(2, 2, 4, 4)
+    masks[0, 0, 0:2, 0:2] = 1   # latent cell (0, 0) fully
+    masks[0, 1, 0:1, 0:2] = 1   # inside the first lesion: the union is unchanged
+    masks[1, 0, 2:4, 2:3] = 1   # half of cell (1, 1)
+    masks[1, 1, 0:2, 0:2] = 1   # an empty slot (not present): ignored
+    present = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    pb = GCDMPrepareBatch(1000, scheduler=sched, lesion_loss_weight=10.0)
+    got = pb.lesion_weight_map(masks, present, (2, 2))
+    want = torch.ones(2, 1, 2, 2)
+    want[0, 0, 0, 0] = 10.0
+    want[1, 0, 1, 1] = 1 + 9 * 0.5
+    assert torch.equal(got, want)
+    batch = {"latent": torch.randn(2, 4, 2, 2), "mask_latent": torch.zeros(2, 12, 2, 2), "features": torch.zeros(2, 2, 67),
+             "lesion_masks": masks, "lesion_present": present, "case_id": ["a", "b"]}
+    _, (target, weight), _, kw = pb(batch, "cpu")
+    assert torch.equal(weight, want)
+    both = GCDMPrepareBatch(1000, scheduler=sched, lesion_loss_weight=10.0, snr_gamma=5.0)
+    _, (_, w2), _, kw2 = both(batch, "cpu")
+    assert torch.allclose(w2, want * both.loss_weight(kw2["timesteps"]).view(-1, 1, 1, 1))
+    pred = torch.randn_like(target)
+    expected = sum(float(weight[b, 0, i, j]) * float((pred[b, c, i, j] - target[b, c, i, j]) ** 2)
+                   for b in range(2) for c in range(4) for i in range(2) for j in range(2)) / pred.numel()
+    assert WeightedMSELoss()(pred, (target, weight)).item() == pytest.approx(expected, rel=1e-6)
+    for bad in (0.5, float("nan"), "ten"):
+        with pytest.raises(ValueError, match="lesion_loss_weight"):
+            GCDMPrepareBatch(1000, scheduler=sched, lesion_loss_weight=bad)
+
+
 def test_snr_gamma_option_reaches_the_trainer(env, tmp_path):
     """``snr_gamma`` set in the training config: the trainer's loss is the weighted one, on the weighted target."""
     from custom.losses import WeightedMSELoss
@@ -606,3 +643,12 @@ def test_resumed_run_against_an_uninterrupted_one(env, tmp_path):
     worst = max(float((a[key][k].float() - b[key][k].float()).abs().max()) for key in ("network", "ema") for k in a[key])
     print(f"resume vs uninterrupted: max |difference| over network and EMA weights = {worst:.3e}")
     assert 0.0 <= worst <= 1e-2, f"resumed run differs from the uninterrupted one by up to {worst:.3e}"
+
+
+def test_lesion_loss_weight_option_reaches_the_trainer(env, tmp_path):
+    from custom.losses import WeightedMSELoss
+
+    p = make_parser(env, tmp_path, lesion_loss_weight=4, train_limit=2, val_limit=1, max_epochs=1, sample_interval=0)
+    trainer = p.get_parsed_content("train#trainer")
+    assert isinstance(trainer.loss_function, WeightedMSELoss) and trainer.prepare_batch.lesion_loss_weight == 4.0
+    assert p.get_parsed_content("validate#prepare_batch").lesion_loss_weight is None  # validation MSE stays plain

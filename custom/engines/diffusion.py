@@ -379,6 +379,11 @@ class GCDMPrepareBatch(DiffusionPrepareBatch):
             ``(target, weight)`` with ``weight = min(SNR_t, gamma) / SNR_t`` (epsilon), ``/ (SNR_t + 1)``
             (v_prediction) or ``min(SNR_t, gamma)`` (sample), ``SNR_t = a_t / (1 - a_t)``: the same weighting of the
             implied ``z0`` error whatever the prediction target. Use it with :class:`custom.losses.WeightedMSELoss`.
+        lesion_loss_weight: ``None`` (default): every latent cell weighs the same. A number ``w >= 1``: the target
+            becomes ``(target, weight)`` with a per-cell weight ``1 + (w - 1) * lesion area`` ``(B, 1, h, w)`` (the
+            union of the slots' lesion masks, area-pooled to the latent grid; times the Min-SNR weight when both are
+            on), so the lesion, ~1 % of a mammogram's pixels, counts ``w`` times in the denoising loss. Use it with
+            :class:`custom.losses.WeightedMSELoss`.
 
     Inferer kwargs: ``noise``, ``timesteps``, ``mask_latent``, ``drop_features``, ``drop_mask`` and the condition
     and extra keys. ``self.last_drops`` holds the last drawn ``(drop_features, drop_mask)``.
@@ -397,8 +402,13 @@ class GCDMPrepareBatch(DiffusionPrepareBatch):
         prediction_type: str = "epsilon",
         scheduler: Any | None = None,
         snr_gamma: float | None = None,
+        lesion_loss_weight: float | None = None,
     ) -> None:
         super().__init__(num_train_timesteps=num_train_timesteps, condition_name=None)
+        if lesion_loss_weight is not None and not (isinstance(lesion_loss_weight, (int, float))
+                                                   and math.isfinite(lesion_loss_weight) and lesion_loss_weight >= 1):
+            raise ValueError(f"lesion_loss_weight: must be a number >= 1 or null, got {lesion_loss_weight!r}")
+        self.lesion_loss_weight = None if lesion_loss_weight is None else float(lesion_loss_weight)
         if snr_gamma is not None and not (isinstance(snr_gamma, (int, float)) and math.isfinite(snr_gamma) and snr_gamma > 0):
             raise ValueError(f"GCDMPrepareBatch: snr_gamma must be a positive number or None, got {snr_gamma!r}")
         if snr_gamma is not None and scheduler is None:
@@ -435,6 +445,15 @@ class GCDMPrepareBatch(DiffusionPrepareBatch):
             return super().get_timesteps(images)
         t = [torch.randint(0, self.num_train_timesteps, (1,), generator=g) for g in self._generators]
         return torch.cat(t).to(images.device)
+
+    def lesion_weight_map(self, lesion_masks: torch.Tensor, lesion_present: torch.Tensor,
+                          size: Sequence[int]) -> torch.Tensor:
+        """``(B, 1, h, w)`` loss weights ``1 + (lesion_loss_weight - 1) * a``: ``a`` the share of each latent cell
+        covered by a lesion (the union of the present slots' ``(B, L, H, W)`` masks, area-pooled to ``size``)."""
+        present = lesion_present.to(lesion_masks.dtype)[..., None, None]
+        union = (lesion_masks.float() * present).amax(dim=1, keepdim=True)
+        area = torch.nn.functional.adaptive_avg_pool2d(union, tuple(int(v) for v in size))
+        return 1.0 + (float(self.lesion_loss_weight) - 1.0) * area
 
     def get_target(self, images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The regression target: the noise (``"epsilon"``), ``z0`` (``"sample"``) or the velocity
@@ -489,8 +508,14 @@ class GCDMPrepareBatch(DiffusionPrepareBatch):
         finally:
             self._generators = None
         target = self.get_target(z0, noise, timesteps)
+        weight: torch.Tensor | None = None
         if self.snr_gamma is not None:
-            target = (target, self.loss_weight(timesteps))
+            weight = self.loss_weight(timesteps)
+        if self.lesion_loss_weight is not None:
+            cells = self.lesion_weight_map(to(batchdata["lesion_masks"]), to(batchdata["lesion_present"]), z0.shape[2:])
+            weight = cells if weight is None else cells * weight.view(-1, 1, 1, 1).to(cells)
+        if weight is not None:
+            target = (target, weight)
         if self.seed is None:
             drop_features, drop_mask = cfg_dropout_masks(b, self.p_features, self.p_mask, self.p_both, device=z0.device)
         else:
