@@ -445,8 +445,9 @@ def test_min_snr_weights_and_weighted_loss(prediction_type):
     expected = sum(weight[i].item() * per_sample[i] for i in range(b)) / b
     assert WeightedMSELoss()(pred, (target, weight)).item() == pytest.approx(expected, rel=1e-6)
     assert torch.equal(WeightedMSELoss()(pred, target), torch.nn.MSELoss()(pred, target))  # plain target: plain MSE
-    with pytest.raises(ValueError, match="snr_gamma"):
-        GCDMPrepareBatch(1000, prediction_type=prediction_type, scheduler=sched, snr_gamma=-1)
+    for bad in (-1, True):  # True is an int in Python, not a gamma
+        with pytest.raises(ValueError, match="snr_gamma"):
+            GCDMPrepareBatch(1000, prediction_type=prediction_type, scheduler=sched, snr_gamma=bad)
     with pytest.raises(ValueError, match="weight must be"):
         WeightedMSELoss()(pred, (target, weight[:2]))
 
@@ -483,7 +484,7 @@ def test_lesion_weighted_loss_hand_computed():
     expected = sum(float(weight[b, 0, i, j]) * float((pred[b, c, i, j] - target[b, c, i, j]) ** 2)
                    for b in range(2) for c in range(4) for i in range(2) for j in range(2)) / pred.numel()
     assert WeightedMSELoss()(pred, (target, weight)).item() == pytest.approx(expected, rel=1e-6)
-    for bad in (0.5, float("nan"), "ten"):
+    for bad in (0.5, float("nan"), "ten", True):  # True is an int in Python, not a weight
         with pytest.raises(ValueError, match="lesion_loss_weight"):
             GCDMPrepareBatch(1000, scheduler=sched, lesion_loss_weight=bad)
 

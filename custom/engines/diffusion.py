@@ -406,10 +406,12 @@ class GCDMPrepareBatch(DiffusionPrepareBatch):
     ) -> None:
         super().__init__(num_train_timesteps=num_train_timesteps, condition_name=None)
         if lesion_loss_weight is not None and not (isinstance(lesion_loss_weight, (int, float))
+                                                   and not isinstance(lesion_loss_weight, bool)
                                                    and math.isfinite(lesion_loss_weight) and lesion_loss_weight >= 1):
             raise ValueError(f"lesion_loss_weight: must be a number >= 1 or null, got {lesion_loss_weight!r}")
         self.lesion_loss_weight = None if lesion_loss_weight is None else float(lesion_loss_weight)
-        if snr_gamma is not None and not (isinstance(snr_gamma, (int, float)) and math.isfinite(snr_gamma) and snr_gamma > 0):
+        if snr_gamma is not None and not (isinstance(snr_gamma, (int, float)) and not isinstance(snr_gamma, bool)
+                                          and math.isfinite(snr_gamma) and snr_gamma > 0):
             raise ValueError(f"GCDMPrepareBatch: snr_gamma must be a positive number or None, got {snr_gamma!r}")
         if snr_gamma is not None and scheduler is None:
             raise ValueError("GCDMPrepareBatch: snr_gamma needs the training scheduler (its alphas_cumprod)")
