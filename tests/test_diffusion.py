@@ -653,3 +653,40 @@ def test_lesion_loss_weight_option_reaches_the_trainer(env, tmp_path):
     trainer = p.get_parsed_content("train#trainer")
     assert isinstance(trainer.loss_function, WeightedMSELoss) and trainer.prepare_batch.lesion_loss_weight == 4.0
     assert p.get_parsed_content("validate#prepare_batch").lesion_loss_weight is None  # validation MSE stays plain
+
+
+def test_conditioner_lr_mult_option(env, tmp_path):
+    """conditioner_lr_mult 1 (default): one AdamW group over every parameter, as before the option existed; 10:
+    the conditioner's trainable parameters in a second group whose first Adam step moves them 10x as far
+    (Adam's first update is lr * g / (|g| + eps) = lr for g = 1); a boolean, 0 or a string: one error naming it."""
+    from custom.errors import MammoInputError
+
+    p = make_parser(env, tmp_path, train_limit=2, val_limit=1, max_epochs=1, sample_interval=0)
+    net, opt = p.get_parsed_content("network"), p.get_parsed_content("optimizer")
+    assert len(opt.param_groups) == 1 and len(opt.param_groups[0]["params"]) == len(list(net.parameters()))
+
+    p = make_parser(env, tmp_path / "x10", conditioner_lr_mult=10, lr=1e-3, train_limit=2, val_limit=1, max_epochs=1,
+                    sample_interval=0)
+    net, opt = p.get_parsed_content("network"), p.get_parsed_content("optimizer")
+    cond = {id(q) for q in net.conditioner.parameters() if q.requires_grad}
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 1e-2])
+    assert {id(q) for q in opt.param_groups[1]["params"]} == cond and cond
+    assert sum(len(g["params"]) for g in opt.param_groups) == len([q for q in net.parameters() if q.requires_grad])
+    before = {id(q): q.detach().clone() for g in opt.param_groups for q in g["params"]}
+    for g in opt.param_groups:
+        for q in g["params"]:
+            q.grad = torch.ones_like(q)
+    opt.step()
+    for g, want in zip(opt.param_groups, (1e-3, 1e-2)):
+        for q in g["params"]:
+            assert (q.detach() - before[id(q)]).abs().sub(want).abs().max() <= want * 1e-3
+    for bad in (True, 0, "ten"):
+        p = make_parser(env, tmp_path / "bad", conditioner_lr_mult=bad)
+        with pytest.raises(Exception) as info:
+            p.get_parsed_content("optimizer")
+        chain, e = [], info.value
+        while e is not None:
+            chain.append(e)
+            e = e.__cause__ or e.__context__
+        assert any(isinstance(x, MammoInputError) and str(x).startswith("conditioner_lr_mult: must be a positive")
+                   for x in chain)

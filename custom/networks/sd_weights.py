@@ -59,6 +59,7 @@ __all__ = [
     "load_unet_state_dict",
     "load_sd_vae",
     "load_clip_vision_ldm",
+    "diffusion_optimizer_params",
     "clip_vision_config_from_ldm",
     "unet_key_map",
     "vae_key_map",
@@ -725,11 +726,19 @@ def pretrained_gcdm(network: nn.Module, sd_path: str | os.PathLike | None, rando
     return network
 
 
+def _check_lr_mult(conditioner_lr_mult: Any) -> float:
+    if isinstance(conditioner_lr_mult, bool) or not isinstance(conditioner_lr_mult, (int, float)) \
+            or not math.isfinite(conditioner_lr_mult) or conditioner_lr_mult <= 0:
+        raise MammoInputError("conditioner_lr_mult", f"must be a positive number, got {conditioner_lr_mult!r}")
+    return float(conditioner_lr_mult)
+
+
 def gcdm_param_groups(network: nn.Module, lr: float, conditioner_lr_mult: float = 10.0,
                       weight_decay: float = 0.0) -> list[dict[str, Any]]:
     """AdamW parameter groups of the paper recipe: the UNet (and any token sources) at ``lr``, the conditioner's
     trainable parameters (gated fusion, CFG nulls; a frozen CLIP has none) at ``lr * conditioner_lr_mult`` (GCDM:
     10×). Works on a ``DistributedDataParallel``-wrapped network too."""
+    conditioner_lr_mult = _check_lr_mult(conditioner_lr_mult)
     inner = getattr(network, "module", network)
     cond = [p for p in inner.conditioner.parameters() if p.requires_grad]
     cond_ids = {id(p) for p in cond}
@@ -738,3 +747,18 @@ def gcdm_param_groups(network: nn.Module, lr: float, conditioner_lr_mult: float 
         {"params": rest, "lr": float(lr), "weight_decay": float(weight_decay)},
         {"params": cond, "lr": float(lr) * float(conditioner_lr_mult), "weight_decay": float(weight_decay)},
     ]
+
+
+def diffusion_optimizer_params(network: nn.Module, lr: float, conditioner_lr_mult: float = 1.0,
+                               weight_decay: float = 0.0) -> Iterable[nn.Parameter] | list[dict[str, Any]]:
+    """What ``train_diffusion.json`` hands the optimizer: ``network.parameters()`` when ``conditioner_lr_mult`` is
+    1 (the CPU default, one group, unchanged), else :func:`gcdm_param_groups` (the conditioner's trainable
+    parameters at ``lr * conditioner_lr_mult``; GCDM trains them at 10×).
+
+    Raises:
+        MammoInputError: ``conditioner_lr_mult`` is not a positive number (a boolean included).
+    """
+    mult = _check_lr_mult(conditioner_lr_mult)
+    if mult == 1.0:
+        return network.parameters()
+    return gcdm_param_groups(network, lr, mult, weight_decay)
