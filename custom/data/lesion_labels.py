@@ -36,7 +36,7 @@ import numpy as np
 from custom.data.attributes import ATTRIBUTES, NOT_GIVEN, normalise_value
 from custom.errors import MammoInputError
 
-__all__ = ["LESION_LABELS", "check_lesion_label_names", "labels_from_finding", "parse_lesion_labels",
+__all__ = ["LESION_LABELS", "check_lesion_label_names", "check_lesion_labels_allowed", "labels_from_finding", "parse_lesion_labels",
            "encode_lesion_labels", "decode_lesion_labels", "attach_lesion_labels"]
 
 #: name -> values of a lesion slot's label (the image-level vocabulary without ``none``), order = code.
@@ -76,6 +76,17 @@ def check_lesion_label_names(names: Sequence[str] | None, source: str = "lesion_
             raise MammoInputError(source, f"lesion label {c!r} listed twice")
         out.append(c)
     return out
+
+
+def check_lesion_labels_allowed(given: bool, names: Sequence[str]) -> None:
+    """One error when lesion labels are ``given`` to a model that reads none (``names`` empty).
+
+    Raises:
+        MammoInputError: ``lesion_labels``: the model was trained without lesion labels.
+    """
+    if given and not names:
+        raise MammoInputError("lesion_labels", "the model was trained without lesion labels (lesion_label_names is "
+                                               "empty in its record): leave --lesion_labels out")
 
 
 def labels_from_finding(finding: Mapping[str, Any], source: str = "datalist") -> dict[str, str]:

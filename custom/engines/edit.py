@@ -56,6 +56,7 @@ from custom.data.attributes import (
 )
 from custom.data.lesion_labels import (
     check_lesion_label_names,
+    check_lesion_labels_allowed,
     decode_lesion_labels,
     encode_lesion_labels,
     labels_from_finding,
@@ -243,23 +244,27 @@ def shape_bank_mask(bank: str | os.PathLike, attrs: Mapping[str, str], seed: int
     return breast, {"datalist": path.name, "matched_on": wanted, "candidates": len(matches), "mask_sha256": digest}
 
 
+def _datalist_entries(datalist: str | os.PathLike | None) -> tuple[dict[str, Mapping[str, Any]], Path | None]:
+    """A prepared datalist's entries of every split by ``case_id`` and its folder; ``({}, None)`` when there is no
+    datalist and ``({}, folder)`` when it cannot be read (the cases then get only what the user gave)."""
+    if datalist is None:
+        return {}, None
+    path = Path(datalist)
+    path = path / "datalist.json" if path.is_dir() else path
+    try:
+        return ({str(e["case_id"]): e for split in json.loads(path.read_text()).values() if isinstance(split, list)
+                 for e in split}, path.parent)
+    except (OSError, ValueError):
+        return {}, path.parent
+
+
 def attach_case_attributes(cases: CaseSet, datalist: str | os.PathLike | None, names: Sequence[str],
                            user: Mapping[str, str] | None = None) -> CaseSet:
     """Give every case its attributes: ``case.extra["attributes"]`` (a datalist case's own attributes among
     ``names`` (:func:`custom.data.attributes.attributes_from_entry`), overridden by ``user``), a sidecar note when a
     requested view contradicts the mask's shape, and, when ``names`` is not empty, ``case.extra["attribute_codes"]``
     ``(K,)`` for the network. Returns ``cases`` (changed in place)."""
-    entries: dict[str, Mapping[str, Any]] = {}
-    root: Path | None = None
-    if names and datalist is not None:
-        path = Path(datalist)
-        path = path / "datalist.json" if path.is_dir() else path
-        root = path.parent
-        try:
-            entries = {str(e["case_id"]): e for split in json.loads(path.read_text()).values() if isinstance(split, list)
-                       for e in split}
-        except (OSError, ValueError):
-            entries = {}
+    entries, root = _datalist_entries(datalist) if names else ({}, None)
     for case in cases.cases:
         attrs = dict(user or {})
         if case.name in entries:
@@ -288,20 +293,10 @@ def attach_case_lesion_labels(cases: CaseSet, datalist: str | os.PathLike | None
     """
     names = check_lesion_label_names(names)
     user = list(user or [])
-    if user and not names:
-        raise MammoInputError("lesion_labels", "the model was trained without lesion labels (lesion_label_names is "
-                                               "empty in its record): leave --lesion_labels out")
+    check_lesion_labels_allowed(bool(user), names)
     if not names:
         return cases
-    entries: dict[str, Mapping[str, Any]] = {}
-    if datalist is not None:
-        path = Path(datalist)
-        path = path / "datalist.json" if path.is_dir() else path
-        try:
-            entries = {str(e["case_id"]): e for split in json.loads(path.read_text()).values() if isinstance(split, list)
-                       for e in split}
-        except (OSError, ValueError):
-            entries = {}
+    entries, _ = _datalist_entries(datalist)
     for case in cases.cases:
         n = int(case.conditions.num_lesions)
         own: list[dict[str, str]] = []
@@ -342,9 +337,7 @@ def build_edit_cases(*, mode: str = "generate", attributes: Any = None, prompt: 
     user = gather_attributes(attributes, prompt, attribute_dicom, names)
     user_labels = parse_lesion_labels(lesion_labels)
     label_names = check_lesion_label_names(lesion_label_names)
-    if user_labels and not label_names:
-        raise MammoInputError("lesion_labels", "the model was trained without lesion labels (lesion_label_names is "
-                                               "empty in its record): leave --lesion_labels out")
+    check_lesion_labels_allowed(bool(user_labels), label_names)
     if user_labels and mode == "remove":
         raise MammoInputError("lesion_labels", "remove mode generates the no-lesion condition: leave --lesion_labels out")
     if shape_bank is not None and (mode != "generate" or kwargs.get("datalist") is not None

@@ -55,6 +55,7 @@ from monai.handlers import CheckpointLoader
 from monai.inferers import Inferer
 from torch import nn
 
+from custom.data.lesion_labels import check_lesion_labels_allowed
 from custom.errors import MammoInputError, check_path_option, option_float, option_int
 
 __all__ = [
@@ -871,9 +872,8 @@ class GCDMSamplingInferer(Inferer):
             if codes is None:
                 codes = torch.full((r, slots, len(label_names)), -1, dtype=torch.long)
             extra_cond["lesion_labels"] = torch.as_tensor(codes).long().to(label.device)
-        elif extra_cond.get("lesion_labels") is not None:
-            raise MammoInputError("lesion_labels", "the model was trained without lesion labels (lesion_label_names "
-                                                   "is empty in its record): leave --lesion_labels out")
+        else:
+            check_lesion_labels_allowed(extra_cond.get("lesion_labels") is not None, label_names)
         seeds = list(range(r)) if seeds is None else [int(s) for s in seeds]
         if len(seeds) != r:
             raise ValueError(f"GCDMSamplingInferer: {len(seeds)} seeds for {r} rows")
