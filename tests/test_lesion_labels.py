@@ -321,6 +321,57 @@ def test_a_model_without_lesion_labels_refuses_them(prepared_dir, tmp_path_facto
     assert not (tmp_path / "never").exists()
 
 
+def test_recipe_lesion_labels_by_hand():
+    """A synthesis recipe's lesions are asked for what their record's findings will say: the lesion's own BI-RADS,
+    else its malignancy's (benign -> 3, malignant -> 4); a BI-RADS outside the vocabulary (6) is not given."""
+    from custom.engines.synthesize import recipe_lesion_labels
+
+    recipe = {"case_id": "syn_000001", "malignancy": "benign", "lesions": [
+        {"birads": "BI-RADS 5", "category": "Mass"}, {"birads": None, "category": "Mass"},
+        {"birads": "BI-RADS 6", "category": None}]}
+    assert recipe_lesion_labels(recipe, LABELS) == [
+        {"lesion_category": "mass", "lesion_birads": "5"}, {"lesion_category": "mass", "lesion_birads": "3"},
+        {"lesion_category": "mass"}]
+    assert recipe_lesion_labels({**recipe, "malignancy": "malignant"}, ["lesion_birads"])[1] == {"lesion_birads": "4"}
+    assert recipe_lesion_labels({"case_id": "x", "malignancy": None, "lesions": []}, LABELS) == []
+
+
+def test_synthesize_asks_a_labelled_model_for_each_lesions_labels(label_model, prepared_dir, tmp_path, monkeypatch):
+    """synthesize with a model trained with lesion labels: every lesion's category / BI-RADS from its recipe reaches
+    the network's slot codes, and the record says what was asked (before: "not given" for every lesion while the
+    record's findings named a BI-RADS)."""
+    from monai.bundle import run
+
+    from custom.networks.gcdm import GCDMNetwork
+
+    seen: list[list] = []
+    real = GCDMNetwork._slot_codes
+
+    def spy(self, codes, *args, **kwargs):
+        seen.extend(codes.detach().clone().tolist())
+        return real(self, codes, *args, **kwargs)
+
+    monkeypatch.setattr(GCDMNetwork, "_slot_codes", spy)
+    out = tmp_path / "cohort"
+    run("synthesize", config_file=[str(CONFIGS / "synthesize.json"), str(INFERENCE_TINY_CONFIG)],
+        meta_file=str(CONFIGS / "metadata.json"), logging_file=False, ckpt_dir=str(label_model),
+        prepared_dir=str(prepared_dir), output_dir=str(out), ddim_steps=2, progress=False, num_images=4, batch_size=2,
+        seed=3, lesion_count_probs=[0.0, 0.5, 0.5])
+    birads = {"BI-RADS 2": 0, "BI-RADS 3": 1, "BI-RADS 4": 2, "BI-RADS 5": 3}  # LESION_LABELS order, by hand
+    category = {"mass": 0, "calcification": 1, "asymmetry": 2, "distortion": 3, "other": 4}
+    records = [json.loads(p.read_text()) for p in sorted((out / "records").glob("*.json"))]
+    assert len(records) == 4 and all(r["findings"] for r in records)
+    for rec in records:
+        want = [[-1, -1], [-1, -1]]
+        for f in rec["findings"]:
+            want[f["lesion_index"]] = [category[f["category"].lower()], birads.get(f["birads"], -1)]
+        assert want in seen, (rec["case_id"], want)
+        assert rec["lesion_labels_requested"] == [
+            {k: v for k, v in (("lesion_category", f["category"].lower()),
+                               ("lesion_birads", f["birads"].split()[-1] if f["birads"] in birads else None)) if v}
+            for f in rec["findings"]]
+
+
 # ------------------------------------------------------------------------------------------------ read-back
 def test_malignancy_reader_matches_a_reference_optimiser():
     """The Newton fit minimises the L2-penalised logistic loss: same coefficients as scipy's BFGS on that loss, and

@@ -84,6 +84,7 @@ __all__ = [
     "ConditionLibrary",
     "sample_recipe",
     "render_recipe",
+    "recipe_lesion_labels",
     "scale_shape_features",
     "shard_indices",
     "image_id",
@@ -565,13 +566,32 @@ def render_recipe(recipe: Mapping[str, Any], library: ConditionLibrary, normalis
 
 
 # ---------------------------------------------------------------------------------------------------- engine parts
+def recipe_lesion_labels(recipe: Mapping[str, Any], names: Sequence[str]) -> list[dict[str, str]]:
+    """Per-lesion labels of a recipe, one dict per lesion in slot order: the category and BI-RADS its record's
+    findings will carry (:class:`CohortWriter`), among ``names``; a value the vocabulary does not know (BI-RADS 6)
+    is not given (:func:`custom.data.lesion_labels.labels_from_finding`)."""
+    from custom.data.lesion_labels import labels_from_finding
+
+    return [{k: v for k, v in labels_from_finding({"category": les.get("category") or "Mass",
+                                                   "birads": _birads_label(recipe.get("malignancy"), les)},
+                                                  str(recipe.get("case_id"))).items() if k in names}
+            for les in recipe.get("lesions") or []]
+
+
 class SynthesisDataset(torch.utils.data.Dataset):
     """Recipes rendered lazily into :class:`~custom.engines.inference.InferenceCase` objects (one sample each, the
-    recipe's seed); ``case.extra`` keeps the recipe, the instance map and the raw feature rows for the writer."""
+    recipe's seed); ``case.extra`` keeps the recipe, the instance map and the raw feature rows for the writer.
+
+    ``lesion_label_names`` (a model trained with per-lesion labels): every lesion is asked for its recipe's category /
+    BI-RADS (:func:`recipe_lesion_labels`; ``case.extra["lesion_label_codes"]`` for the sampler and
+    ``case.extra["lesion_labels"]`` for the record), so the cohort's findings say what the model was asked for."""
 
     def __init__(self, recipes: Sequence[Mapping[str, Any]], library: ConditionLibrary, normaliser: Any,
-                 max_lesions: int) -> None:
+                 max_lesions: int, lesion_label_names: Sequence[str] = ()) -> None:
+        from custom.data.lesion_labels import check_lesion_label_names
+
         self.recipes, self.library, self.normaliser, self.max_lesions = list(recipes), library, normaliser, int(max_lesions)
+        self.lesion_label_names = check_lesion_label_names(lesion_label_names)
 
     def __len__(self) -> int:
         return len(self.recipes)
@@ -581,8 +601,16 @@ class SynthesisDataset(torch.utils.data.Dataset):
 
         recipe = self.recipes[i]
         cond, inst, rows = render_recipe(recipe, self.library, self.normaliser, self.max_lesions)
-        return InferenceCase(name=str(recipe["case_id"]), conditions=cond, seeds=[int(recipe["seed"])],
-                             extra={"recipe": dict(recipe), "instances": inst, "rows": rows})
+        extra: dict[str, Any] = {"recipe": dict(recipe), "instances": inst, "rows": rows}
+        if self.lesion_label_names:
+            from custom.data.lesion_labels import decode_lesion_labels, encode_lesion_labels
+
+            n = len(rows)
+            codes = encode_lesion_labels(recipe_lesion_labels(recipe, self.lesion_label_names), self.lesion_label_names,
+                                         self.max_lesions, num_lesions=n, source=f"recipe {recipe['case_id']}")
+            extra["lesion_label_codes"] = codes
+            extra["lesion_labels"] = decode_lesion_labels(codes[:n], self.lesion_label_names)
+        return InferenceCase(name=str(recipe["case_id"]), conditions=cond, seeds=[int(recipe["seed"])], extra=extra)
 
 
 def _png(path: Path, arr: np.ndarray) -> None:
@@ -652,6 +680,8 @@ class CohortWriter:
         }
         if "dcm" in self.formats:
             record["dicom"] = f"dicom/{cid}.dcm"
+        if "lesion_labels" in case.extra:  # what a model with per-lesion labels was asked for, lesion by lesion
+            record["lesion_labels_requested"] = [dict(d) for d in case.extra["lesion_labels"]]
         atomic_write_json(out / "records" / f"{cid}.json", record)
         self.written.append(cid)
         return record
@@ -848,6 +878,8 @@ class SynthesisRun:
         formats: ``["png"]`` or ``["png", "dcm"]``.
         mix_with, mix_ratio: the real prepared folder for a combined datalist and the synthetic share.
         batch_size: images per sampling step (one batch of rows through the sampler).
+        lesion_label_names: the model's per-lesion labels (empty: none); each lesion is asked for its recipe's
+            category / BI-RADS (:class:`SynthesisDataset`).
     """
 
     def __init__(self, output_dir: str | os.PathLike, prepared_dir: str | os.PathLike, num_images: Any, spec: Any,
@@ -855,7 +887,7 @@ class SynthesisRun:
                  model_path: str | os.PathLike, stage1_path: str | os.PathLike | None = None,
                  sampling: Mapping[str, Any] | None = None, formats: Sequence[str] | str = ("png",),
                  mix_with: str | None = None, mix_ratio: Any = None, batch_size: int = 4,
-                 min_members: int = 3) -> None:
+                 min_members: int = 3, lesion_label_names: Sequence[str] = ()) -> None:
         self.output_dir = Path(output_dir)
         self.prepared_dir = Path(prepared_dir)
         self.num_images_raw = num_images
@@ -869,6 +901,7 @@ class SynthesisRun:
         self.mix_with, self.mix_ratio = mix_with, mix_ratio
         self.batch_size = int(batch_size)
         self.min_members = int(min_members)
+        self.lesion_label_names = list(lesion_label_names or ())
         self.rank, self.world_size, _ = dist_info()
         self.pending: list[dict[str, Any]] = []
         self.library: ConditionLibrary | None = None
@@ -970,7 +1003,7 @@ class SynthesisRun:
         return self
 
     def dataset(self) -> SynthesisDataset:
-        return SynthesisDataset(self.pending, self.library, self.normaliser, self.max_lesions)
+        return SynthesisDataset(self.pending, self.library, self.normaliser, self.max_lesions, self.lesion_label_names)
 
     # 5. merge ----------------------------------------------------------------------------------------------------
     def finish(self, writer: CohortWriter | None = None) -> dict[str, Any] | None:
