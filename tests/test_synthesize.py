@@ -341,3 +341,36 @@ def test_cli_error_line(prepared_dir, tmp_path):
     errors = [line for line in res.stderr.splitlines() if line.startswith("ERROR:")]
     assert errors == ["ERROR: num_images: must be at least 1, got 0"], res.stderr[-2000:]
     assert not out.exists()
+
+
+def test_a_model_with_attributes_samples_a_cohort(models, prepared_dir, tmp_path_factory, monkeypatch):
+    """A stage-2 model trained with clinical attributes (token source "attributes") generates a cohort: every image
+    gets each attribute "not given" (the null tokens), not a crash for a missing input (synthesize.json's inferer
+    is the edit inferer, as inference and evaluate use)."""
+    from monai.bundle import run
+
+    from custom.networks.attributes import AttributeTokens
+
+    root = tmp_path_factory.mktemp("attr_model")
+    folder = root / "models"
+    folder.mkdir()
+    for name in ("autoencoder.pt", "autoencoder.pt.sha256"):
+        shutil.copy(models / name, folder / name)
+    cfg = REPO / "bundle" / "configs"
+    run("training", config_file=[str(cfg / "common.json"), str(cfg / "train_diffusion.json"), CONFIGS[1]],
+        meta_file=str(cfg / "metadata.json"), logging_file=False, prepared_dir=str(prepared_dir), ckpt_dir=str(folder),
+        dm_output_dir=str(root / "dm"), latent_cache_dir=str(root / "cache"), attribute_names=["view", "density"],
+        train_limit=2, val_limit=2, batch_size=2, max_epochs=1, warmup_steps=1, val_interval=1, save_interval=1,
+        sample_interval=0, num_sample_cases=2, sample_ddim_steps=2, cache_workers=0)
+    seen: list[list] = []
+    real = AttributeTokens.forward
+
+    def spy(self, codes, *args, **kwargs):
+        seen.extend(torch.as_tensor(codes).tolist())
+        return real(self, codes, *args, **kwargs)
+
+    monkeypatch.setattr(AttributeTokens, "forward", spy)
+    out = tmp_path_factory.mktemp("attr_cohort") / "cohort"
+    _run(folder, prepared_dir, out, num_images=2, batch_size=2)
+    assert len(list((out / "records").glob("*.json"))) == 2
+    assert seen and all(row == [-1, -1] for row in seen)
