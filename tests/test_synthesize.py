@@ -343,10 +343,11 @@ def test_cli_error_line(prepared_dir, tmp_path):
     assert not out.exists()
 
 
-def test_a_model_with_attributes_samples_a_cohort(models, prepared_dir, tmp_path_factory, monkeypatch):
-    """A stage-2 model trained with clinical attributes (token source "attributes") generates a cohort: every image
-    gets each attribute "not given" (the null tokens), not a crash for a missing input (synthesize.json's inferer
-    is the edit inferer, as inference and evaluate use)."""
+def test_a_model_with_attributes_is_asked_for_its_source_breasts_attributes(models, prepared_dir, tmp_path_factory,
+                                                                             monkeypatch):
+    """A stage-2 model trained with clinical attributes generates a cohort (it stopped on a missing input before):
+    each image is asked for its source breast's view and density (read here from the prepared entry by hand) and
+    the area bin of its own rendered breast; its record says so."""
     from monai.bundle import run
 
     from custom.networks.attributes import AttributeTokens
@@ -357,9 +358,10 @@ def test_a_model_with_attributes_samples_a_cohort(models, prepared_dir, tmp_path
     for name in ("autoencoder.pt", "autoencoder.pt.sha256"):
         shutil.copy(models / name, folder / name)
     cfg = REPO / "bundle" / "configs"
+    names = ["view", "density", "area"]
     run("training", config_file=[str(cfg / "common.json"), str(cfg / "train_diffusion.json"), CONFIGS[1]],
         meta_file=str(cfg / "metadata.json"), logging_file=False, prepared_dir=str(prepared_dir), ckpt_dir=str(folder),
-        dm_output_dir=str(root / "dm"), latent_cache_dir=str(root / "cache"), attribute_names=["view", "density"],
+        dm_output_dir=str(root / "dm"), latent_cache_dir=str(root / "cache"), attribute_names=names,
         train_limit=2, val_limit=2, batch_size=2, max_epochs=1, warmup_steps=1, val_interval=1, save_interval=1,
         sample_interval=0, num_sample_cases=2, sample_ddim_steps=2, cache_workers=0)
     seen: list[list] = []
@@ -371,6 +373,15 @@ def test_a_model_with_attributes_samples_a_cohort(models, prepared_dir, tmp_path
 
     monkeypatch.setattr(AttributeTokens, "forward", spy)
     out = tmp_path_factory.mktemp("attr_cohort") / "cohort"
-    _run(folder, prepared_dir, out, num_images=2, batch_size=2)
-    assert len(list((out / "records").glob("*.json"))) == 2
-    assert seen and all(row == [-1, -1] for row in seen)
+    _run(folder, prepared_dir, out, num_images=3, batch_size=3)
+    entries = {e["case_id"]: e for e in json.loads((Path(prepared_dir) / "datalist.json").read_text())["training"]}
+    records = [json.loads(p.read_text()) for p in sorted((out / "records").glob("*.json"))]
+    assert len(records) == 3
+    for rec in records:
+        src = entries[rec["recipe"]["breast"]["case_id"]]
+        ratio = (np.asarray(Image.open(out / rec["label"])) > 0).mean()
+        area = "small" if ratio < 0.4 else "medium" if ratio <= 0.6 else "large"  # MAM-E's rule, by hand
+        want = {"view": src["view"], "density": src["density"].split()[-1], "area": area}
+        assert rec["attributes_requested"] == want and rec["density"] == want["density"]
+        codes = [{"CC": 0, "MLO": 1}[want["view"]], "ABCD".index(want["density"]), ["small", "medium", "large"].index(area)]
+        assert codes in seen, (rec["case_id"], codes)

@@ -85,6 +85,7 @@ __all__ = [
     "sample_recipe",
     "render_recipe",
     "recipe_lesion_labels",
+    "recipe_attributes",
     "scale_shape_features",
     "shard_indices",
     "image_id",
@@ -578,20 +579,48 @@ def recipe_lesion_labels(recipe: Mapping[str, Any], names: Sequence[str]) -> lis
             for les in recipe.get("lesions") or []]
 
 
+def recipe_attributes(recipe: Mapping[str, Any], source_entry: Mapping[str, Any] | None, label: np.ndarray,
+                      names: Sequence[str], root: str | os.PathLike | None = None) -> dict[str, str]:
+    """The clinical attributes an image of ``recipe`` is asked for, among ``names``: what it keeps of its source
+    breast (``view``, ``laterality``, ``density``, ``manufacturer`` of the training entry ``source_entry``), the
+    ``area`` bin of its rendered label map ``label`` (breast + lesion pixels over all, MAM-E's rule), and the
+    image-level ``lesion_category`` / ``lesion_birads`` of the recipe's own lesions (``none`` without any, else the
+    most suspicious, as its record's findings say). ``breast_birads`` is not asked (the source's describes lesions
+    the image does not have)."""
+    from custom.data.attributes import area_bin, attributes_from_entry
+
+    findings = [{"category": les.get("category") or "Mass", "birads": _birads_label(recipe.get("malignancy"), les)}
+                for les in recipe.get("lesions") or []]
+    entry = {k: v for k, v in dict(source_entry or {}).items()
+             if k not in ("label", "findings", "num_lesions", "breast_birads")}
+    entry.update(case_id=str(recipe.get("case_id")), findings=findings, num_lesions=len(findings))
+    attrs = attributes_from_entry(entry, root)
+    attrs["area"] = area_bin(float((np.asarray(label) > 0).mean()))
+    return {k: v for k, v in attrs.items() if k in names}
+
+
 class SynthesisDataset(torch.utils.data.Dataset):
     """Recipes rendered lazily into :class:`~custom.engines.inference.InferenceCase` objects (one sample each, the
     recipe's seed); ``case.extra`` keeps the recipe, the instance map and the raw feature rows for the writer.
 
     ``lesion_label_names`` (a model trained with per-lesion labels): every lesion is asked for its recipe's category /
     BI-RADS (:func:`recipe_lesion_labels`; ``case.extra["lesion_label_codes"]`` for the sampler and
-    ``case.extra["lesion_labels"]`` for the record), so the cohort's findings say what the model was asked for."""
+    ``case.extra["lesion_labels"]`` for the record), so the cohort's findings say what the model was asked for.
+    ``attribute_names`` (a model trained with clinical attributes): every image is asked for
+    :func:`recipe_attributes` (``case.extra["attribute_codes"]`` / ``["attributes"]``)."""
 
     def __init__(self, recipes: Sequence[Mapping[str, Any]], library: ConditionLibrary, normaliser: Any,
-                 max_lesions: int, lesion_label_names: Sequence[str] = ()) -> None:
+                 max_lesions: int, lesion_label_names: Sequence[str] = (), attribute_names: Sequence[str] = ()) -> None:
+        from custom.data.attributes import check_attribute_names
         from custom.data.lesion_labels import check_lesion_label_names
 
         self.recipes, self.library, self.normaliser, self.max_lesions = list(recipes), library, normaliser, int(max_lesions)
         self.lesion_label_names = check_lesion_label_names(lesion_label_names)
+        self.attribute_names = check_attribute_names(attribute_names, "attribute_names")
+        self.sources: dict[str, Mapping[str, Any]] = {}
+        if self.attribute_names:  # the training entries the recipes' breasts come from
+            datalist = json.loads((Path(library.prepared_dir) / "datalist.json").read_text())
+            self.sources = {str(e["case_id"]): e for e in datalist.get("training", [])}
 
     def __len__(self) -> int:
         return len(self.recipes)
@@ -610,6 +639,13 @@ class SynthesisDataset(torch.utils.data.Dataset):
                                          self.max_lesions, num_lesions=n, source=f"recipe {recipe['case_id']}")
             extra["lesion_label_codes"] = codes
             extra["lesion_labels"] = decode_lesion_labels(codes[:n], self.lesion_label_names)
+        if self.attribute_names:
+            from custom.data.attributes import encode_attributes
+
+            attrs = recipe_attributes(recipe, self.sources.get(str(recipe["breast"]["case_id"])), cond.label,
+                                      self.attribute_names, self.library.prepared_dir)
+            extra["attributes"] = attrs
+            extra["attribute_codes"] = encode_attributes(attrs, self.attribute_names)
         return InferenceCase(name=str(recipe["case_id"]), conditions=cond, seeds=[int(recipe["seed"])], extra=extra)
 
 
@@ -682,6 +718,11 @@ class CohortWriter:
             record["dicom"] = f"dicom/{cid}.dcm"
         if "lesion_labels" in case.extra:  # what a model with per-lesion labels was asked for, lesion by lesion
             record["lesion_labels_requested"] = [dict(d) for d in case.extra["lesion_labels"]]
+        if "attributes" in case.extra:  # what a model with clinical attributes was asked for
+            attrs = dict(case.extra["attributes"])
+            record["attributes_requested"] = attrs
+            record["laterality"] = attrs.get("laterality", record["laterality"])
+            record["density"] = attrs.get("density", record["density"])
         atomic_write_json(out / "records" / f"{cid}.json", record)
         self.written.append(cid)
         return record
@@ -880,6 +921,8 @@ class SynthesisRun:
         batch_size: images per sampling step (one batch of rows through the sampler).
         lesion_label_names: the model's per-lesion labels (empty: none); each lesion is asked for its recipe's
             category / BI-RADS (:class:`SynthesisDataset`).
+        attribute_names: the model's clinical attributes (empty: none); each image is asked for
+            :func:`recipe_attributes`.
     """
 
     def __init__(self, output_dir: str | os.PathLike, prepared_dir: str | os.PathLike, num_images: Any, spec: Any,
@@ -887,7 +930,8 @@ class SynthesisRun:
                  model_path: str | os.PathLike, stage1_path: str | os.PathLike | None = None,
                  sampling: Mapping[str, Any] | None = None, formats: Sequence[str] | str = ("png",),
                  mix_with: str | None = None, mix_ratio: Any = None, batch_size: int = 4,
-                 min_members: int = 3, lesion_label_names: Sequence[str] = ()) -> None:
+                 min_members: int = 3, lesion_label_names: Sequence[str] = (),
+                 attribute_names: Sequence[str] = ()) -> None:
         self.output_dir = Path(output_dir)
         self.prepared_dir = Path(prepared_dir)
         self.num_images_raw = num_images
@@ -902,6 +946,7 @@ class SynthesisRun:
         self.batch_size = int(batch_size)
         self.min_members = int(min_members)
         self.lesion_label_names = list(lesion_label_names or ())
+        self.attribute_names = list(attribute_names or ())
         self.rank, self.world_size, _ = dist_info()
         self.pending: list[dict[str, Any]] = []
         self.library: ConditionLibrary | None = None
@@ -1003,7 +1048,8 @@ class SynthesisRun:
         return self
 
     def dataset(self) -> SynthesisDataset:
-        return SynthesisDataset(self.pending, self.library, self.normaliser, self.max_lesions, self.lesion_label_names)
+        return SynthesisDataset(self.pending, self.library, self.normaliser, self.max_lesions, self.lesion_label_names,
+                                self.attribute_names)
 
     # 5. merge ----------------------------------------------------------------------------------------------------
     def finish(self, writer: CohortWriter | None = None) -> dict[str, Any] | None:
