@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -171,15 +171,22 @@ def normalise_value(name: str, value: Any, source: str = "attributes") -> str:
     return out
 
 
-def check_attribute_names(names: Sequence[str] | None, source: str = "attributes") -> list[str]:
-    """Canonical, distinct attribute names (the network's attribute list); ``None`` / empty -> ``[]``."""
+def distinct_names(names: Sequence[str] | None, canonical: Callable[[Any, str], str], source: str,
+                   what: str) -> list[str]:
+    """``names`` through ``canonical(name, source)`` (which raises on an unknown one), in order; a name listed twice
+    (after canonicalisation) is one error naming ``what``; ``None`` / empty -> ``[]``."""
     out: list[str] = []
     for n in names or []:
-        c = _canonical_name(n, source)
+        c = canonical(n, source)
         if c in out:
-            raise MammoInputError(source, f"attribute {c!r} listed twice")
+            raise MammoInputError(source, f"{what} {c!r} listed twice")
         out.append(c)
     return out
+
+
+def check_attribute_names(names: Sequence[str] | None, source: str = "attributes") -> list[str]:
+    """Canonical, distinct attribute names (the network's attribute list); ``None`` / empty -> ``[]``."""
+    return distinct_names(names, _canonical_name, source, "attribute")
 
 
 def parse_attribute_string(text: str | Mapping[str, Any] | None, source: str = "attributes") -> dict[str, str]:

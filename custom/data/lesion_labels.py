@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from custom.data.attributes import ATTRIBUTES, NOT_GIVEN, normalise_value
+from custom.data.attributes import ATTRIBUTES, NOT_GIVEN, distinct_names, normalise_value
 from custom.errors import MammoInputError
 
 __all__ = ["LESION_LABELS", "check_lesion_label_names", "check_lesion_labels_allowed", "labels_from_finding", "parse_lesion_labels",
@@ -69,13 +69,7 @@ def _value(name: str, value: Any, source: str) -> str:
 
 def check_lesion_label_names(names: Sequence[str] | None, source: str = "lesion_label_names") -> list[str]:
     """Canonical, distinct lesion-label names (the network's list, code order); ``None`` / empty -> ``[]``."""
-    out: list[str] = []
-    for n in names or []:
-        c = _name(n, source)
-        if c in out:
-            raise MammoInputError(source, f"lesion label {c!r} listed twice")
-        out.append(c)
-    return out
+    return distinct_names(names, _name, source, "lesion label")
 
 
 def check_lesion_labels_allowed(given: bool, names: Sequence[str]) -> None:
