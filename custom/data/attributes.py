@@ -57,6 +57,8 @@ __all__ = [
     "encode_attributes",
     "decode_attributes",
     "attach_attribute_codes",
+    "datalist_entries",
+    "distinct_names",
     "describe_attributes",
     "VIEW_SHAPE_THRESHOLD",
     "breast_shape_view",
@@ -458,6 +460,21 @@ def decode_attributes(codes: Iterable[int], names: Sequence[str]) -> dict[str, s
     return {n: ATTRIBUTES[n][int(c)] for n, c in zip(names, codes) if int(c) != NOT_GIVEN}
 
 
+def datalist_entries(datalist: str | os.PathLike) -> dict[str, Mapping[str, Any]]:
+    """Every split's entries of a prepared ``datalist.json`` (or of the one in a prepared folder) by ``case_id``.
+
+    Raises:
+        MammoInputError: the datalist cannot be read or is not JSON.
+    """
+    path = Path(datalist)
+    path = path / "datalist.json" if path.is_dir() else path
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise MammoInputError(path, f"unreadable datalist ({err})") from None
+    return {str(e["case_id"]): e for split in data.values() if isinstance(split, list) for e in split}
+
+
 def attach_attribute_codes(items: Sequence[Mapping[str, Any]], prepared_dir: str | os.PathLike,
                            names: Sequence[str] | None, key: str = "attributes") -> list[dict[str, Any]]:
     """Training items (from :func:`custom.data.training.load_prepared_datalist`) with ``item[key]`` = ``(K,)``
@@ -467,11 +484,7 @@ def attach_attribute_codes(items: Sequence[Mapping[str, Any]], prepared_dir: str
     if not names:
         return list(items)
     root = Path(prepared_dir)
-    try:
-        datalist = json.loads((root / "datalist.json").read_text())
-    except (OSError, ValueError) as err:
-        raise MammoInputError(root / "datalist.json", f"unreadable datalist ({err})") from None
-    entries = {str(e["case_id"]): e for split in datalist.values() if isinstance(split, list) for e in split}
+    entries = datalist_entries(root / "datalist.json")
     out = []
     for item in items:
         entry = {**entries.get(str(item["case_id"]), {}), **{k: v for k, v in item.items() if k in ("view", "laterality", "density")}}

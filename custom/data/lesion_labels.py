@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from custom.data.attributes import ATTRIBUTES, NOT_GIVEN, distinct_names, normalise_value
+from custom.data.attributes import ATTRIBUTES, NOT_GIVEN, datalist_entries, distinct_names, normalise_value
 from custom.errors import MammoInputError
 
 __all__ = ["LESION_LABELS", "check_lesion_label_names", "check_lesion_labels_allowed", "labels_from_finding", "parse_lesion_labels",
@@ -200,12 +200,7 @@ def attach_lesion_labels(items: Sequence[Mapping[str, Any]], prepared_dir: str |
     names = check_lesion_label_names(names)
     if not names:
         return list(items)
-    root = Path(prepared_dir)
-    try:
-        datalist = json.loads((root / "datalist.json").read_text())
-    except (OSError, ValueError) as err:
-        raise MammoInputError(root / "datalist.json", f"unreadable datalist ({err})") from None
-    entries = {str(e["case_id"]): e for split in datalist.values() if isinstance(split, list) for e in split}
+    entries = datalist_entries(Path(prepared_dir) / "datalist.json")
     out = []
     for item in items:
         cid = str(item["case_id"])

@@ -48,6 +48,7 @@ from custom.data.attributes import (
     attributes_from_dicom,
     attributes_from_entry,
     check_attribute_names,
+    datalist_entries,
     encode_attributes,
     merge_attributes,
     parse_attribute_string,
@@ -252,9 +253,8 @@ def _datalist_entries(datalist: str | os.PathLike | None) -> tuple[dict[str, Map
     path = Path(datalist)
     path = path / "datalist.json" if path.is_dir() else path
     try:
-        return ({str(e["case_id"]): e for split in json.loads(path.read_text()).values() if isinstance(split, list)
-                 for e in split}, path.parent)
-    except (OSError, ValueError):
+        return datalist_entries(path), path.parent
+    except MammoInputError:
         return {}, path.parent
 
 
