@@ -343,6 +343,28 @@ def test_cli_error_line(prepared_dir, tmp_path):
     assert not out.exists()
 
 
+def test_recipe_attributes_by_hand():
+    """An image keeps its source breast's view / density, gets the area bin of its own label map (MAM-E: < 0.4
+    small, 0.4-0.6 medium, > 0.6 large) and its own lesions' most suspicious category / BI-RADS (none without)."""
+    from custom.engines.synthesize import recipe_attributes, source_breast_attributes
+
+    source = source_breast_attributes({"case_id": "src", "view": "MLO", "laterality": "L", "density": "DENSITY D",
+                                       "breast_birads": "BI-RADS 5", "findings": [{"birads": "BI-RADS 5"}],
+                                       "manufacturer": "SIEMENS"})
+    assert source == {"view": "MLO", "laterality": "L", "density": "D", "manufacturer": "siemens"}
+    label = np.zeros((10, 10), np.uint8)
+    label[:, :5] = 1  # 50 breast pixels of 100 -> medium
+    label[0, 5] = 2  # + 1 lesion pixel: 0.51
+    recipe = {"case_id": "syn", "malignancy": "malignant",
+              "lesions": [{"birads": "BI-RADS 3", "category": "Mass"}, {"birads": None, "category": "Mass"}]}
+    names = ["view", "density", "area", "lesion_category", "lesion_birads", "breast_birads"]
+    assert recipe_attributes(recipe, source, label, names) == {
+        "view": "MLO", "density": "D", "area": "medium", "lesion_category": "mass", "lesion_birads": "4"}
+    label[:, 5:7] = 1  # 70 pixels -> large; no lesions -> none
+    assert recipe_attributes({"case_id": "syn", "malignancy": None, "lesions": []}, source, label, names) == {
+        "view": "MLO", "density": "D", "area": "large", "lesion_category": "none", "lesion_birads": "none"}
+
+
 def test_a_model_with_attributes_is_asked_for_its_source_breasts_attributes(models, prepared_dir, tmp_path_factory,
                                                                              monkeypatch):
     """A stage-2 model trained with clinical attributes generates a cohort (it stopped on a missing input before):

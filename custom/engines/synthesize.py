@@ -86,6 +86,7 @@ __all__ = [
     "render_recipe",
     "recipe_lesion_labels",
     "recipe_attributes",
+    "source_breast_attributes",
     "scale_shape_features",
     "shard_indices",
     "image_id",
@@ -579,23 +580,36 @@ def recipe_lesion_labels(recipe: Mapping[str, Any], names: Sequence[str]) -> lis
             for les in recipe.get("lesions") or []]
 
 
-def recipe_attributes(recipe: Mapping[str, Any], source_entry: Mapping[str, Any] | None, label: np.ndarray,
-                      names: Sequence[str], root: str | os.PathLike | None = None) -> dict[str, str]:
+#: what a synthetic image keeps of its source breast (the other attributes are its own)
+SOURCE_ATTRIBUTES = ("view", "laterality", "density", "manufacturer")
+
+
+def source_breast_attributes(entry: Mapping[str, Any] | None, root: str | os.PathLike | None = None) -> dict[str, str]:
+    """:data:`SOURCE_ATTRIBUTES` of a training entry (the manufacturer from its source DICOM's tag when the entry
+    has none: :func:`custom.data.attributes.attributes_from_entry`)."""
+    from custom.data.attributes import attributes_from_entry
+
+    if not entry:
+        return {}
+    bare = {k: v for k, v in entry.items() if k not in ("label", "findings", "num_lesions", "breast_birads")}
+    return {k: v for k, v in attributes_from_entry(bare, root).items() if k in SOURCE_ATTRIBUTES}
+
+
+def recipe_attributes(recipe: Mapping[str, Any], source: Mapping[str, str], label: np.ndarray,
+                      names: Sequence[str]) -> dict[str, str]:
     """The clinical attributes an image of ``recipe`` is asked for, among ``names``: what it keeps of its source
-    breast (``view``, ``laterality``, ``density``, ``manufacturer`` of the training entry ``source_entry``), the
-    ``area`` bin of its rendered label map ``label`` (breast + lesion pixels over all, MAM-E's rule), and the
-    image-level ``lesion_category`` / ``lesion_birads`` of the recipe's own lesions (``none`` without any, else the
-    most suspicious, as its record's findings say). ``breast_birads`` is not asked (the source's describes lesions
-    the image does not have)."""
+    breast (``source``: :func:`source_breast_attributes`), the ``area`` bin of its rendered label map ``label``
+    (breast + lesion pixels over all, MAM-E's rule), and the image-level ``lesion_category`` / ``lesion_birads`` of
+    the recipe's own lesions (``none`` without any, else the most suspicious, as its record's findings say).
+    ``breast_birads`` is not asked (the source's describes lesions the image does not have)."""
     from custom.data.attributes import area_bin, attributes_from_entry
 
     findings = [{"category": les.get("category") or "Mass", "birads": _birads_label(recipe.get("malignancy"), les)}
                 for les in recipe.get("lesions") or []]
-    entry = {k: v for k, v in dict(source_entry or {}).items()
-             if k not in ("label", "findings", "num_lesions", "breast_birads")}
-    entry.update(case_id=str(recipe.get("case_id")), findings=findings, num_lesions=len(findings))
-    attrs = attributes_from_entry(entry, root)
-    attrs["area"] = area_bin(float((np.asarray(label) > 0).mean()))
+    own = attributes_from_entry({"case_id": str(recipe.get("case_id")), "findings": findings,
+                                 "num_lesions": len(findings)})
+    attrs = {**dict(source), **{k: v for k, v in own.items() if k in ("lesion_category", "lesion_birads")},
+             "area": area_bin(float((np.asarray(label) > 0).mean()))}
     return {k: v for k, v in attrs.items() if k in names}
 
 
@@ -617,10 +631,11 @@ class SynthesisDataset(torch.utils.data.Dataset):
         self.recipes, self.library, self.normaliser, self.max_lesions = list(recipes), library, normaliser, int(max_lesions)
         self.lesion_label_names = check_lesion_label_names(lesion_label_names)
         self.attribute_names = check_attribute_names(attribute_names, "attribute_names")
-        self.sources: dict[str, Mapping[str, Any]] = {}
+        self.sources: dict[str, dict[str, str]] = {}  # source breast -> its attributes, read once per breast
+        self._entries: dict[str, Mapping[str, Any]] = {}
         if self.attribute_names:  # the training entries the recipes' breasts come from
             datalist = json.loads((Path(library.prepared_dir) / "datalist.json").read_text())
-            self.sources = {str(e["case_id"]): e for e in datalist.get("training", [])}
+            self._entries = {str(e["case_id"]): e for e in datalist.get("training", [])}
 
     def __len__(self) -> int:
         return len(self.recipes)
@@ -642,8 +657,10 @@ class SynthesisDataset(torch.utils.data.Dataset):
         if self.attribute_names:
             from custom.data.attributes import encode_attributes
 
-            attrs = recipe_attributes(recipe, self.sources.get(str(recipe["breast"]["case_id"])), cond.label,
-                                      self.attribute_names, self.library.prepared_dir)
+            src = str(recipe["breast"]["case_id"])
+            if src not in self.sources:
+                self.sources[src] = source_breast_attributes(self._entries.get(src), self.library.prepared_dir)
+            attrs = recipe_attributes(recipe, self.sources[src], cond.label, self.attribute_names)
             extra["attributes"] = attrs
             extra["attribute_codes"] = encode_attributes(attrs, self.attribute_names)
         return InferenceCase(name=str(recipe["case_id"]), conditions=cond, seeds=[int(recipe["seed"])], extra=extra)
