@@ -568,16 +568,21 @@ def render_recipe(recipe: Mapping[str, Any], library: ConditionLibrary, normalis
 
 
 # ---------------------------------------------------------------------------------------------------- engine parts
+def _recipe_findings(recipe: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """``{"category", "birads"}`` of each recipe lesion, in slot order, as its record's findings say (a lesion
+    without its own BI-RADS gets its image class's: benign 3, malignant 4)."""
+    return [{"category": les.get("category") or "Mass", "birads": _birads_label(recipe.get("malignancy"), les)}
+            for les in recipe.get("lesions") or []]
+
+
 def recipe_lesion_labels(recipe: Mapping[str, Any], names: Sequence[str]) -> list[dict[str, str]]:
     """Per-lesion labels of a recipe, one dict per lesion in slot order: the category and BI-RADS its record's
     findings will carry (:class:`CohortWriter`), among ``names``; a value the vocabulary does not know (BI-RADS 6)
     is not given (:func:`custom.data.lesion_labels.labels_from_finding`)."""
     from custom.data.lesion_labels import labels_from_finding
 
-    return [{k: v for k, v in labels_from_finding({"category": les.get("category") or "Mass",
-                                                   "birads": _birads_label(recipe.get("malignancy"), les)},
-                                                  str(recipe.get("case_id"))).items() if k in names}
-            for les in recipe.get("lesions") or []]
+    return [{k: v for k, v in labels_from_finding(f, str(recipe.get("case_id"))).items() if k in names}
+            for f in _recipe_findings(recipe)]
 
 
 #: what a synthetic image keeps of its source breast (the other attributes are its own)
@@ -604,8 +609,7 @@ def recipe_attributes(recipe: Mapping[str, Any], source: Mapping[str, str], labe
     ``breast_birads`` is not asked (the source's describes lesions the image does not have)."""
     from custom.data.attributes import area_bin, attributes_from_entry
 
-    findings = [{"category": les.get("category") or "Mass", "birads": _birads_label(recipe.get("malignancy"), les)}
-                for les in recipe.get("lesions") or []]
+    findings = _recipe_findings(recipe)
     own = attributes_from_entry({"case_id": str(recipe.get("case_id")), "findings": findings,
                                  "num_lesions": len(findings)})
     attrs = {**dict(source), **{k: v for k, v in own.items() if k in ("lesion_category", "lesion_birads")},
@@ -716,10 +720,9 @@ class CohortWriter:
             write_synthetic_dicom(out / "dicom" / f"{cid}.dcm", image, conditions_summary=case.conditions.summary(),
                                   parameters={**self.parameters, "seed": int(recipe["seed"])})
         findings = []
-        for k, les in enumerate(recipe["lesions"]):
+        for k, f in enumerate(_recipe_findings(recipe)):
             r, c = np.nonzero(inst == k + 1)
-            findings.append({"category": les.get("category") or "Mass", "birads": _birads_label(recipe["malignancy"], les),
-                             "lesion_index": k, "box": [int(c.min()), int(r.min()), int(c.max()) + 1, int(r.max()) + 1],
+            findings.append({**f, "lesion_index": k, "box": [int(c.min()), int(r.min()), int(c.max()) + 1, int(r.max()) + 1],
                              "area_px": int(r.size)})
         s = int(image.shape[-1])
         record = {
