@@ -686,3 +686,24 @@ def test_conditioner_lr_mult_option(env, tmp_path):
             p.get_parsed_content("optimizer")
         msg = describe_error(info.value)  # the one line a user sees
         assert msg is not None and msg.startswith("conditioner_lr_mult: must be a positive"), msg
+
+
+def test_bad_stage2_option_is_one_error_line_before_the_latent_cache(env, tmp_path):
+    """A bad loss / optimiser option ends `run training` in `initialize` with one ERROR line (exit 1), before the
+    latent cache is encoded (it used to surface after encoding every training case, as a traceback)."""
+    penv = {**os.environ, "PYTHONPATH": str(REPO)}
+    penv.pop("MAMMO_GCDM_DEBUG", None)
+    for option, value, line in (
+        ("lesion_loss_weight", "0.5", "ERROR: lesion_loss_weight: must be a number >= 1 or null, got 0.5"),
+        ("conditioner_lr_mult", "0", "ERROR: conditioner_lr_mult: must be a positive number, got 0"),
+    ):
+        cache = tmp_path / option / "cache"
+        res = subprocess.run(
+            [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", json.dumps(FILES),
+             "--prepared_dir", str(env["prepared"]), "--stage1_checkpoint", str(env["stage1"]),
+             "--latent_cache_dir", str(cache), "--ckpt_dir", str(tmp_path / option / "models"),
+             "--dm_output_dir", str(tmp_path / option / "runs"), f"--{option}", value],
+            cwd=REPO, env=penv, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 1, res.stderr[-2000:]
+        assert [x for x in res.stderr.splitlines() if x.startswith("ERROR:")] == [line], res.stderr[-2000:]
+        assert "Traceback" not in res.stderr and not cache.exists()

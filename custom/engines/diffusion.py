@@ -54,6 +54,9 @@ __all__ = [
     "EncodeLatentsd",
     "diffusion_dataset",
     "GCDMPrepareBatch",
+    "check_snr_gamma",
+    "check_lesion_loss_weight",
+    "check_stage2_options",
     "GCDMTrainInferer",
     "latest_checkpoint",
     "file_digest",
@@ -356,6 +359,46 @@ def diffusion_dataset(
     return CacheDataset(items, transform=Compose(xforms), cache_rate=1.0, num_workers=num_workers or None, progress=progress)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_snr_gamma(snr_gamma: Any) -> float | None:
+    """``snr_gamma``: ``None`` or a positive finite number (a boolean is refused: Python counts ``True`` as 1).
+
+    Raises:
+        MammoInputError: naming ``snr_gamma``.
+    """
+    if snr_gamma is not None and not (_is_number(snr_gamma) and snr_gamma > 0):
+        raise MammoInputError("snr_gamma", f"must be a positive number or null, got {snr_gamma!r}")
+    return None if snr_gamma is None else float(snr_gamma)
+
+
+def check_lesion_loss_weight(lesion_loss_weight: Any) -> float | None:
+    """``lesion_loss_weight``: ``None`` or a finite number >= 1 (a boolean is refused).
+
+    Raises:
+        MammoInputError: naming ``lesion_loss_weight``.
+    """
+    if lesion_loss_weight is not None and not (_is_number(lesion_loss_weight) and lesion_loss_weight >= 1):
+        raise MammoInputError("lesion_loss_weight", f"must be a number >= 1 or null, got {lesion_loss_weight!r}")
+    return None if lesion_loss_weight is None else float(lesion_loss_weight)
+
+
+def check_stage2_options(snr_gamma: Any = None, lesion_loss_weight: Any = None, conditioner_lr_mult: Any = 1.0) -> None:
+    """The stage-2 loss and optimiser options, checked in ``train_diffusion.json``'s ``initialize``: before the
+    latent cache is encoded (the prepare-batch and the optimiser that use them are built after it).
+
+    Raises:
+        MammoInputError: naming the first bad option.
+    """
+    from custom.networks.sd_weights import check_conditioner_lr_mult
+
+    check_snr_gamma(snr_gamma)
+    check_lesion_loss_weight(lesion_loss_weight)
+    check_conditioner_lr_mult(conditioner_lr_mult)
+
+
 class GCDMPrepareBatch(DiffusionPrepareBatch):
     """Batch -> ``(z0, noise_target, (), inferer_kwargs)`` for :class:`GCDMTrainInferer`.
 
@@ -405,14 +448,8 @@ class GCDMPrepareBatch(DiffusionPrepareBatch):
         lesion_loss_weight: float | None = None,
     ) -> None:
         super().__init__(num_train_timesteps=num_train_timesteps, condition_name=None)
-        if lesion_loss_weight is not None and not (isinstance(lesion_loss_weight, (int, float))
-                                                   and not isinstance(lesion_loss_weight, bool)
-                                                   and math.isfinite(lesion_loss_weight) and lesion_loss_weight >= 1):
-            raise ValueError(f"lesion_loss_weight: must be a number >= 1 or null, got {lesion_loss_weight!r}")
-        self.lesion_loss_weight = None if lesion_loss_weight is None else float(lesion_loss_weight)
-        if snr_gamma is not None and not (isinstance(snr_gamma, (int, float)) and not isinstance(snr_gamma, bool)
-                                          and math.isfinite(snr_gamma) and snr_gamma > 0):
-            raise ValueError(f"GCDMPrepareBatch: snr_gamma must be a positive number or None, got {snr_gamma!r}")
+        self.lesion_loss_weight = check_lesion_loss_weight(lesion_loss_weight)
+        check_snr_gamma(snr_gamma)
         if snr_gamma is not None and scheduler is None:
             raise ValueError("GCDMPrepareBatch: snr_gamma needs the training scheduler (its alphas_cumprod)")
         self.snr_gamma = None if snr_gamma is None else float(snr_gamma)

@@ -60,6 +60,7 @@ __all__ = [
     "load_sd_vae",
     "load_clip_vision_ldm",
     "diffusion_optimizer_params",
+    "check_conditioner_lr_mult",
     "clip_vision_config_from_ldm",
     "unet_key_map",
     "vae_key_map",
@@ -726,7 +727,8 @@ def pretrained_gcdm(network: nn.Module, sd_path: str | os.PathLike | None, rando
     return network
 
 
-def _check_lr_mult(conditioner_lr_mult: Any) -> float:
+def check_conditioner_lr_mult(conditioner_lr_mult: Any) -> float:
+    """``conditioner_lr_mult``: a positive finite number (a boolean is refused); else one :class:`MammoInputError`."""
     if isinstance(conditioner_lr_mult, bool) or not isinstance(conditioner_lr_mult, (int, float)) \
             or not math.isfinite(conditioner_lr_mult) or conditioner_lr_mult <= 0:
         raise MammoInputError("conditioner_lr_mult", f"must be a positive number, got {conditioner_lr_mult!r}")
@@ -738,7 +740,7 @@ def gcdm_param_groups(network: nn.Module, lr: float, conditioner_lr_mult: float 
     """AdamW parameter groups of the paper recipe: the UNet (and any token sources) at ``lr``, the conditioner's
     trainable parameters (gated fusion, CFG nulls; a frozen CLIP has none) at ``lr * conditioner_lr_mult`` (GCDM:
     10×). Works on a ``DistributedDataParallel``-wrapped network too."""
-    conditioner_lr_mult = _check_lr_mult(conditioner_lr_mult)
+    conditioner_lr_mult = check_conditioner_lr_mult(conditioner_lr_mult)
     inner = getattr(network, "module", network)
     cond = [p for p in inner.conditioner.parameters() if p.requires_grad]
     cond_ids = {id(p) for p in cond}
@@ -758,7 +760,7 @@ def diffusion_optimizer_params(network: nn.Module, lr: float, conditioner_lr_mul
     Raises:
         MammoInputError: ``conditioner_lr_mult`` is not a positive number (a boolean included).
     """
-    mult = _check_lr_mult(conditioner_lr_mult)
+    mult = check_conditioner_lr_mult(conditioner_lr_mult)
     if mult == 1.0:
         return network.parameters()
     return gcdm_param_groups(network, lr, mult, weight_decay)
