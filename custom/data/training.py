@@ -33,7 +33,7 @@ from monai.transforms import Compose, EnsureTyped, LoadImaged, Resized, ScaleInt
 from custom.errors import MammoInputError
 from custom.transforms.masks import LesionSlotsd, SoftMaskd
 
-__all__ = ["SPLITS", "load_prepared_datalist", "prepared_transforms"]
+__all__ = ["SPLITS", "load_prepared_datalist", "prepared_transforms", "model_frame"]
 
 logger = logging.getLogger(__name__)
 SPLITS = ("training", "validation", "test")
@@ -151,3 +151,13 @@ def prepared_transforms(image_size: int | None = None, sigma: float = 1.5, max_l
         EnsureTyped(keys=["image", "label", "soft_mask", "lesion_masks", "features", "lesion_present"], dtype="float32", track_meta=False),
     ]
     return Compose(xforms)
+
+
+def model_frame(transform: Compose, root: str | os.PathLike, entry: dict[str, Any], max_lesions: int = 8) -> dict[str, Any]:
+    """One prepared datalist ``entry`` (paths relative to ``root``) through ``transform``
+    (:func:`prepared_transforms` built with ``max_lesions`` slots): ``image`` ``(1, S, S)`` in [0, 1], ``label``,
+    ``lesion_masks`` ``(L, S, S)`` as training sees them. The lesion features are not read (zeros)."""
+    root = Path(root)
+    return transform({"image": str(root / entry["image"]), "label": str(root / entry["label"]),
+                      "lesions": str(root / entry["lesions"]), "features": np.zeros((max_lesions, 67), np.float32),
+                      "lesion_present": np.zeros(max_lesions, np.float32)})

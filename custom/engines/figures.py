@@ -256,7 +256,7 @@ def lesion_label_figure(study_dir: str | Path, output: str | Path, n_cases: int 
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from custom.data.training import prepared_transforms
+    from custom.data.training import model_frame, prepared_transforms
 
     root = Path(study_dir)
     try:
@@ -277,9 +277,7 @@ def lesion_label_figure(study_dir: str | Path, output: str | Path, n_cases: int 
     fig, axes = plt.subplots(len(ids), len(columns), figsize=(1.6 * len(columns), 1.75 * len(ids)), squeeze=False)
     for i, cid in enumerate(ids):
         e = entries[cid]
-        item = xf({"image": str(prepared / e["image"]), "label": str(prepared / e["label"]),
-                   "lesions": str(prepared / e["lesions"]), "features": np.zeros((8, 67), np.float32),
-                   "lesion_present": np.zeros(8, np.float32)})
+        item = model_frame(xf, prepared, e)
         mask = item["lesion_masks"][0].numpy() > 0
         rows, cols = np.nonzero(mask)
         r0, r1 = max(0, rows.min() - margin), min(size, rows.max() + margin + 1)
@@ -290,7 +288,7 @@ def lesion_label_figure(study_dir: str | Path, output: str | Path, n_cases: int 
             if src is None:
                 image = item["image"][0].numpy()
                 birads = next((f.get("birads") for f in e.get("findings", []) if int(f.get("lesion_index", 0)) == 0), "")
-                ax.set_title(f"real ({str(birads).replace('BI-RADS ', 'BI-RADS ')})", fontsize=7)
+                ax.set_title(f"real ({birads})", fontsize=7)
             else:
                 with Image.open(root / src.split()[0] / request / f"{cid}_seed{seed}.png") as im:
                     image = np.asarray(im, dtype=np.float32) / 65535.0

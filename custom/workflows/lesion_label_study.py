@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from custom.data.training import model_frame, prepared_transforms
 from custom.errors import MammoInputError
 from custom.io import atomic_write_json
 
@@ -66,7 +67,6 @@ def model_frame_lesions(prepared_dir: str | os.PathLike, splits: Sequence[str], 
     the features measured on the prepared image and lesion mask brought to ``image_size`` exactly as training does
     (:func:`custom.data.training.prepared_transforms`)."""
     from custom.data.conditions import DEFAULT_PARAMS_FILE
-    from custom.data.training import prepared_transforms
     from custom.features import FEATURE_NAMES, extract_lesion_features
 
     root = Path(prepared_dir)
@@ -78,8 +78,7 @@ def model_frame_lesions(prepared_dir: str | os.PathLike, splits: Sequence[str], 
             findings = sorted(e.get("findings") or [], key=lambda f: int(f.get("lesion_index", 0)))
             if not findings:
                 continue
-            item = xf({"image": str(root / e["image"]), "label": str(root / e["label"]), "lesions": str(root / e["lesions"]),
-                       "features": np.zeros((8, 67), np.float32), "lesion_present": np.zeros(8, np.float32)})
+            item = model_frame(xf, root, e)
             image = item["image"][0].numpy().astype(np.float64)
             for f in findings:
                 k = int(f.get("lesion_index", 0))
@@ -153,7 +152,6 @@ def read_back(reader, samples: Path, prepared: Path, image_size: int, seed: int,
     from PIL import Image
 
     from custom.data.conditions import DEFAULT_PARAMS_FILE
-    from custom.data.training import prepared_transforms
     from custom.features import FEATURE_NAMES, extract_lesion_features
 
     xf = prepared_transforms(image_size=int(image_size), max_lesions=8)
@@ -165,8 +163,7 @@ def read_back(reader, samples: Path, prepared: Path, image_size: int, seed: int,
         with Image.open(png) as im:
             arr = np.asarray(im)
         image = arr.astype(np.float64) / float(np.iinfo(arr.dtype).max)
-        item = xf({"image": str(prepared / e["image"]), "label": str(prepared / e["label"]), "lesions": str(prepared / e["lesions"]),
-                   "features": np.zeros((8, 67), np.float32), "lesion_present": np.zeros(8, np.float32)})
+        item = model_frame(xf, prepared, e)
         mask = item["lesion_masks"][0].numpy() > 0
         try:
             feats = extract_lesion_features(image, mask, params_file or DEFAULT_PARAMS_FILE)
@@ -184,9 +181,7 @@ def _sample_and_mask(samples: Path, prepared: Path, entry: Mapping[str, Any], si
 
     with Image.open(samples / f"{entry['case_id']}_seed{seed}.png") as im:
         arr = np.asarray(im)
-    item = xf({"image": str(prepared / entry["image"]), "label": str(prepared / entry["label"]),
-               "lesions": str(prepared / entry["lesions"]), "features": np.zeros((8, 67), np.float32),
-               "lesion_present": np.zeros(8, np.float32)})
+    item = model_frame(xf, prepared, entry)
     return arr.astype(np.float64) / float(np.iinfo(arr.dtype).max), item["image"][0].numpy(), item["lesion_masks"][0].numpy() > 0
 
 
@@ -206,7 +201,6 @@ def pixel_effects(out: Path, prepared: Path, size: int, seed: int, source_prepar
     ring outside|, the size of the thing being controlled). And the direction: lesion contrast and the standard
     deviation inside the lesion of the generated lesions at BI-RADS 2 and 5, beside those of the real benign-looking
     (2-3) and malignant-looking (4-5) lesions 0 of every split of ``source_prepared``."""
-    from custom.data.training import prepared_transforms
 
     xf = prepared_transforms(image_size=int(size), max_lesions=8)
     rows: dict[str, list[float]] = {"birads_5_vs_2": [], "features_own_vs_neutral": [], "real_lesion_contrast": []}
@@ -231,9 +225,7 @@ def pixel_effects(out: Path, prepared: Path, size: int, seed: int, source_prepar
                 mal = _malignant(f0[0].get("birads")) if f0 else None
                 if mal is None:
                     continue
-                item = xf({"image": str(Path(source_prepared) / e["image"]), "label": str(Path(source_prepared) / e["label"]),
-                           "lesions": str(Path(source_prepared) / e["lesions"]), "features": np.zeros((8, 67), np.float32),
-                           "lesion_present": np.zeros(8, np.float32)})
+                item = model_frame(xf, source_prepared, e)
                 mask = item["lesion_masks"][0].numpy() > 0
                 if mask.any():
                     key = "real malignant-looking (4-5)" if mal else "real benign-looking (2-3)"
