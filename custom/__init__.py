@@ -17,7 +17,7 @@ Sub-packages, one concern each, from the bottom layer up (a module imports only 
 - ``custom.label_app``: the MONAI Label app (runs in its own environment, calls the bundle's inference).
 """
 
-__version__ = "0.6.0"
+__version__ = "0.9.2"
 
 import logging as _logging
 

@@ -238,3 +238,17 @@ def test_relocated_stage1_check_names_the_first_relocated_key(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="custom.workflows.bundle"):
         bm._check_relocated(SimpleNamespace(checkpoint_digest="ab" * 32))
     assert "stage 1 read from /here/clip (trained with /train/clip): same weights (SHA-256 abababababab" in caplog.text
+
+
+def test_package_version_is_the_bundle_version():
+    """Sidecars, prepared records and exports write ``custom.__version__``: it must be the version that
+    metadata.json and pyproject.toml give (it said 0.6.0 through 0.9.1)."""
+    import tomllib
+
+    import custom
+
+    root = Path(__file__).resolve().parents[1]
+    meta = json.loads((root / "bundle" / "configs" / "metadata.json").read_text())
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert custom.__version__ == meta["version"] == project["version"]
+    assert meta["version"] in meta["changelog"]

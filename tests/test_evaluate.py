@@ -93,6 +93,15 @@ def test_cli_writes_metrics_with_the_expected_keys_and_ranges(evaluation):
     # stage-1 reference: real vs the real images' own autoencoder round trip, the same distance function
     assert s["stage1_feature_distance"] >= 0 and s["stage1_feature_distance"] == m["feature_distance"]["stage1_reconstruction"]
     assert s["stage1_fd_radiomics67"] is None or s["stage1_fd_radiomics67"] >= 0
+    # lesion pixels clipped at white (0.9.2): one region (the test lesions) for all three image sets
+    sat = m["lesion_saturation"]
+    assert {"generated", "real", "stage1_reconstruction"} == set(sat)
+    assert len({v["n_pixels"] for v in sat.values()}) == 1 and sat["real"]["level"] == 0.995
+    for key, name in (("generated", "lesion_saturation"), ("real", "real_lesion_saturation"),
+                      ("stage1_reconstruction", "stage1_lesion_saturation")):
+        assert s[name] == sat[key]["fraction"] and (s[name] is None or _in01(s[name]))
+    top = m["fd_radiomics67"]["fd_radiomics67_top_features"]
+    assert (top == []) == (s["fd_radiomics67"] is None) and all(t["distance"] >= 0 for t in top)
     cm = np.asarray(m["controllability"]["confusion_matrix"])
     assert cm.shape == (3, 3) and cm.sum() == n * 32 * 32  # ONE matrix pooled over every test image
     assert m["controllability"]["n_images"] == m["segmenter_ceiling"]["n_images"] == n

@@ -22,6 +22,7 @@ from custom.metrics import (
     controllability_metrics,
     extract_radiomic_features,
     fd_radiomics67_metrics,
+    feature_contributions,
     frechet_distance,
     frechet_distance_from_features,
     frechet_radiomics_distance,
@@ -31,6 +32,7 @@ from custom.metrics import (
     ms_ssim_diversity,
     ms_ssim_settings,
     reconstruction_metrics,
+    saturated_fraction,
     segment_generated,
     summarise,
 )
@@ -299,6 +301,64 @@ def test_fd_radiomics67_metrics_dict_regions_and_scaler():
     assert frechet_radiomics_distance(real, real + [0.0, 1.0]) > 0
     with pytest.raises(MammoInputError, match="missing.yaml"):
         extract_radiomic_features(imgs, masks, params_file="/nonexistent/missing.yaml")
+
+
+def test_feature_contributions_name_the_shifted_and_the_spread_feature_by_hand():
+    """Random raw features. In the generated set one column is shifted by 6 of its own standard deviations (z-units:
+    mean term 36, std term 0) and another is spread 3x about its mean (mean term 0, std term (3 - 1)^2 = 4). Those
+    are the two largest one-dimensional distances, in that order; the rest are 0."""
+    from custom.features import FEATURE_NAMES
+
+    rng = np.random.default_rng(0)
+    real = rng.normal(5.0, 2.0, size=(40, 67))
+    gen = real.copy()
+    gen[:, 17] += 6 * real[:, 17].std()
+    gen[:, 30] = real[:, 30].mean() + 3 * (real[:, 30] - real[:, 30].mean())
+    total = frechet_radiomics_distance(real, gen)
+    top = feature_contributions(real, gen, total, top=3)
+    assert [t["feature"] for t in top[:2]] == [FEATURE_NAMES[17], FEATURE_NAMES[30]]
+    assert top[0]["squared_mean_difference"] == pytest.approx(36.0, rel=1e-9)
+    assert top[0]["squared_std_difference"] == pytest.approx(0.0, abs=1e-18)
+    assert top[1]["squared_mean_difference"] == pytest.approx(0.0, abs=1e-18)
+    assert top[1]["distance"] == pytest.approx(4.0, rel=1e-9)
+    assert top[2]["distance"] == pytest.approx(0.0, abs=1e-18) and len(top) == 3
+    assert top[0]["share"] == pytest.approx(36.0 / total, rel=1e-9)
+    assert [t["share"] for t in feature_contributions(real, gen)] == [None, None, None]
+    # one column shifted alone: the distance is that column's term (same covariance: FD = the mean term)
+    shifted = real.copy()
+    shifted[:, 17] += 6 * real[:, 17].std()
+    assert feature_contributions(real, shifted, frechet_radiomics_distance(real, shifted))[0]["share"] == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(ValueError, match="feature sets"):
+        feature_contributions(real[:, :5], gen[:, :5])
+
+
+def test_fd_radiomics67_metrics_carry_the_top_features():
+    imgs, masks = _lesion_set(n=6, seed=4)
+    brighter = np.clip(imgs * 1.5, 0, 1)  # lesions pushed towards white, some clipped
+    res = fd_radiomics67_metrics(imgs, masks, brighter, masks)
+    top = res["fd_radiomics67_top_features"]
+    assert len(top) == 3 and res["fd_radiomics67"] > 0
+    assert top[0]["distance"] >= top[1]["distance"] >= top[2]["distance"] > 0
+    json.dumps(res, allow_nan=False)
+
+
+def test_saturated_fraction_by_hand():
+    img = np.zeros((2, 1, 8, 8))
+    mask = np.zeros((2, 8, 8), np.uint8)
+    mask[0, :2, :] = 1                  # 16 px region in image 0
+    img[0, 0, 0, :] = 1.0               # 8 of them at white
+    img[0, 0, 1, :4] = 0.995            # 4 exactly at the level (counted)
+    img[0, 0, 1, 4:] = 0.99             # 4 below
+    img[1, 0] = 1.0                     # image 1: white everywhere but no region
+    res = saturated_fraction(img, mask)
+    assert res["fraction"] == pytest.approx(12 / 16) and res["n_pixels"] == 16 and res["n_images_with_region"] == 1
+    assert saturated_fraction(img, mask, level=1.0)["fraction"] == pytest.approx(8 / 16)
+    assert saturated_fraction(torch.from_numpy(img), torch.from_numpy(mask)[:, None])["fraction"] == pytest.approx(12 / 16)
+    assert saturated_fraction(img, np.zeros_like(mask))["fraction"] is None
+    with pytest.raises(ValueError, match="differ in shape"):
+        saturated_fraction(img, mask[:, :4])
+    with pytest.raises(ValueError, match="level"):
+        saturated_fraction(img, mask, level=1.5)
 
 
 # ----------------------------------------------------------------------------------------------------- FID / FSD

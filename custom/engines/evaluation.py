@@ -401,6 +401,9 @@ def _metric_rows(m: Mapping[str, Any]) -> list[tuple[str, str, str]]:
          _fmt(s.get("density_accuracy")), f"{_fmt(s.get('ceiling_density_accuracy'))} (the reader on the real images)"),
         (fd_label, _fmt(s.get("feature_distance")), _floors(s, "feature_distance")),
         ("MS-SSIM diversity (lower = more diverse)", _fmt(s.get("ms_ssim")), ""),
+        ("Lesion pixels clipped at white (>= 0.995)", _fmt(s.get("lesion_saturation")),
+         f"{_fmt(s.get('real_lesion_saturation'))} (real); {_fmt(s.get('stage1_lesion_saturation'))} "
+         "(real's stage-1 reconstruction)"),
         ("Stage-1 reconstruction SSIM / PSNR (dB)", f"{_fmt(s.get('recon_ssim'))} / {_fmt(s.get('recon_psnr'))}", ""),
     ]
 
@@ -518,6 +521,7 @@ class EvaluationReport:
             fd_radiomics67_metrics,
             ms_ssim_diversity,
             reconstruction_metrics,
+            saturated_fraction,
         )
         from custom.metrics.segmenter import lesion_probability
 
@@ -553,6 +557,10 @@ class EvaluationReport:
         # latents (a sampler's images pass the same decoder, so a distance far above this one is stage 2's)
         recon_np = recon.clamp(0, 1).numpy().astype(a["real"].dtype)
         seconds["reconstruction"] = time.time() - t0
+        # lesion pixels clipped at white: generated lesions pushed past the top of the range (0.9.2)
+        lesion_saturation = {key: saturated_fraction(images, a["instances"])
+                             for key, images in (("generated", a["gen"]), ("real", a["real"]),
+                                                 ("stage1_reconstruction", recon_np))}
 
         t0 = time.time()
         fdr_kwargs = {"region": self.fd_radiomics67_region}
@@ -654,6 +662,9 @@ class EvaluationReport:
             "recon_psnr": reconstruction["psnr_mean"],
             "radiomics_fidelity": radiomics_fidelity["generated"]["mean"],
             "ceiling_radiomics_fidelity": radiomics_fidelity["retest"]["mean"],
+            "lesion_saturation": lesion_saturation["generated"]["fraction"],
+            "real_lesion_saturation": lesion_saturation["real"]["fraction"],
+            "stage1_lesion_saturation": lesion_saturation["stage1_reconstruction"]["fraction"],
             "density_accuracy": attribute_fidelity.get("generated_accuracy"),
             "ceiling_density_accuracy": attribute_fidelity.get("real_accuracy"),
         }
@@ -691,6 +702,7 @@ class EvaluationReport:
             "feature_distance": feature,
             "diversity": diversity,
             "reconstruction": reconstruction,
+            "lesion_saturation": lesion_saturation,
             "radiomics_fidelity": radiomics_fidelity,
             "attribute_fidelity": attribute_fidelity,
             "skipped": self.cases.skipped,

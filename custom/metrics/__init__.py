@@ -11,7 +11,7 @@
 - :mod:`custom.metrics.inception` - the FID-Inception network for the standard pytorch-fid weights file;
 - :mod:`custom.metrics.fid` - FID with a feature network from a local file, or FSD (Fréchet Segmenter Distance)
   with the lesion segmenter's encoder when there is none;
-- :mod:`custom.metrics.image_quality` - diversity (mean pairwise MS-SSIM) and reconstruction SSIM / PSNR;
+- :mod:`custom.metrics.image_quality` - diversity (mean pairwise MS-SSIM), reconstruction SSIM / PSNR, saturated (clipped) fraction of a region;
 - :mod:`custom.metrics.segmenter` - the lesion segmenter (MONAI UNet, trained by ``train_segmenter.json``):
   loading, prediction, and its own score on real images (the controllability ceiling).
 """
@@ -27,9 +27,9 @@ from custom.metrics.controllability import (
 )
 from custom.metrics.fid import FeatureDistance, SegmenterEncoder, embed_images, load_feature_network
 from custom.metrics.radiomics_distance import (RadiomicsScaler, extract_radiomic_features, fd_radiomics67_metrics,
-                                              frechet_radiomics_distance)
+                                              feature_contributions, frechet_radiomics_distance)
 from custom.metrics.frechet import frechet_distance, frechet_distance_from_features, gaussian_fit
-from custom.metrics.image_quality import ms_ssim_diversity, ms_ssim_settings, reconstruction_metrics
+from custom.metrics.image_quality import ms_ssim_diversity, ms_ssim_settings, reconstruction_metrics, saturated_fraction
 from custom.metrics.segmenter import (
     SegmenterMeta,
     build_segmenter,
@@ -53,6 +53,7 @@ __all__ = [
     "extract_radiomic_features",
     "frechet_radiomics_distance",
     "fd_radiomics67_metrics",
+    "feature_contributions",
     "frechet_distance",
     "frechet_distance_from_features",
     "gaussian_fit",
@@ -65,6 +66,7 @@ __all__ = [
     "ms_ssim_settings",
     "predict_lesion",
     "reconstruction_metrics",
+    "saturated_fraction",
     "segment_generated",
     "segmenter_score_on_prepared",
     "segmenter_score_on_real",

@@ -25,7 +25,9 @@ import numpy as np
 import torch
 from monai.metrics import MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
 
-__all__ = ["MS_SSIM_WEIGHTS", "ms_ssim_diversity", "ms_ssim_settings", "reconstruction_metrics"]
+from custom.metrics.arrays import batch_2d
+
+__all__ = ["MS_SSIM_WEIGHTS", "ms_ssim_diversity", "ms_ssim_settings", "reconstruction_metrics", "saturated_fraction"]
 
 #: The standard MS-SSIM scale weights (Wang et al. 2003), finest scale first.
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -126,3 +128,32 @@ def reconstruction_metrics(reconstructions: Any, targets: Any, max_psnr: float =
     if not all(math.isfinite(v) for k_, v in out.items() if k_ != "n_images"):
         raise ValueError("non-finite SSIM/PSNR")
     return out
+
+
+def saturated_fraction(images: Any, masks: Any, level: float = 0.995) -> dict[str, Any]:
+    """Clipping inside a region: the fraction of region pixels at or above ``level``, pooled over the batch.
+
+    Generated images are clamped to ``[0, 1]`` after decoding, so a lesion driven past the top of the range by the
+    sampler shows up as a run of pixels at exactly 1.0, which real (and stage-1 reconstructed) lesions do not have.
+    Such saturation flattens a lesion's texture and makes texture features (GLSZM zone emphases, percentiles)
+    degenerate, which is what can blow up a Fréchet distance of radiomic features.
+
+    Args:
+        images: ``(B, 1, H, W)`` / ``(B, H, W)`` / ``(H, W)`` in ``[0, 1]``.
+        masks: same spatial shape; the region is ``mask > 0`` (e.g. the lesion instance map).
+        level: the saturation threshold in ``[0, 1]``.
+
+    Returns:
+        ``{"fraction": float | None, "n_pixels": int, "n_images_with_region": int, "level": float}``;
+        ``fraction`` is ``None`` when no image has region pixels.
+    """
+    imgs = batch_2d(images, "images").astype(np.float64)
+    regions = batch_2d(masks, "masks") > 0
+    if imgs.shape != regions.shape:
+        raise ValueError(f"images {imgs.shape} and masks {regions.shape} differ in shape")
+    if not 0.0 <= float(level) <= 1.0:
+        raise ValueError(f"level must be in [0, 1], got {level}")
+    n = int(regions.sum())
+    fraction = float((imgs[regions] >= float(level)).mean()) if n else None
+    return {"fraction": fraction, "n_pixels": n, "n_images_with_region": int(regions.reshape(len(regions), -1).any(1).sum()),
+            "level": float(level)}

@@ -49,6 +49,7 @@ __all__ = [
     "extract_radiomic_features",
     "frechet_radiomics_distance",
     "fd_radiomics67_metrics",
+    "feature_contributions",
 ]
 
 logger = logging.getLogger(__name__)
@@ -172,6 +173,35 @@ def frechet_radiomics_distance(real_features: Any, generated_features: Any, eps:
     return frechet_distance_from_features(scaler.transform(real), scaler.transform(gen), eps=eps)
 
 
+def feature_contributions(real_features: Any, generated_features: Any, total: float | None = None,
+                          top: int = 3) -> list[dict[str, Any]]:
+    """Which features drive FD-radiomics67: per feature, the one-dimensional Fréchet distance of the two sets in the
+    real set's z-units (:class:`RadiomicsScaler`), ``(mu_g - mu_r)^2 + (sd_g - sd_r)^2``, largest first. With
+    uncorrelated features these terms add up to the distance; with correlated ones they are a guide. ``share`` is a
+    term over ``total`` (the whole distance, when given): a share near 1 says one feature's shift or spread is the
+    distance (e.g. a texture feature made degenerate by lesions clipped at white), not a spread-out difference.
+
+    Returns:
+        up to ``top`` dicts ``{"feature", "squared_mean_difference", "squared_std_difference", "distance",
+        "share" (None without total)}``.
+    """
+    from custom.features import FEATURE_NAMES
+
+    real = np.asarray(real_features, dtype=np.float64)
+    gen = np.asarray(generated_features, dtype=np.float64)
+    if real.ndim != 2 or gen.ndim != 2 or real.shape[1] != gen.shape[1] or real.shape[1] != len(FEATURE_NAMES):
+        raise ValueError(f"feature sets must be (N, {len(FEATURE_NAMES)}), got {real.shape} and {gen.shape}")
+    scaler = RadiomicsScaler().fit(real, gen)
+    zr, zg = scaler.transform(real), scaler.transform(gen)
+    mean_sq = (zg.mean(axis=0) - zr.mean(axis=0)) ** 2
+    std_sq = (zg.std(axis=0) - zr.std(axis=0)) ** 2
+    dist = mean_sq + std_sq
+    order = np.argsort(-dist, kind="stable")[: max(0, int(top))]
+    return [{"feature": FEATURE_NAMES[i], "squared_mean_difference": float(mean_sq[i]),
+             "squared_std_difference": float(std_sq[i]), "distance": float(dist[i]),
+             "share": float(dist[i] / total) if total else None} for i in order]
+
+
 def fd_radiomics67_metrics(
     real_images: Any,
     real_masks: Any | None,
@@ -183,7 +213,8 @@ def fd_radiomics67_metrics(
     """Extract the features of both sets (:func:`extract_radiomic_features`) and compute :func:`frechet_radiomics_distance`.
 
     Returns:
-        ``{"fd_radiomics67": float, "fd_radiomics67_region", "fd_radiomics67_normalisation": "zscore_real",
+        ``{"fd_radiomics67": float, "fd_radiomics67_top_features"`` (:func:`feature_contributions`),
+        ``"fd_radiomics67_region", "fd_radiomics67_normalisation": "zscore_real",
         "fd_radiomics67_n_real", "fd_radiomics67_n_generated", "fd_radiomics67_n_failed_real",
         "fd_radiomics67_n_failed_generated"}``. ``fd_radiomics67`` is ``None`` when either set has fewer than 2
         regions (a covariance needs two).
@@ -193,6 +224,7 @@ def fd_radiomics67_metrics(
     value = frechet_radiomics_distance(real, gen) if real.shape[0] >= 2 and gen.shape[0] >= 2 else None
     return {
         "fd_radiomics67": value,
+        "fd_radiomics67_top_features": feature_contributions(real, gen, value) if value is not None else [],
         "fd_radiomics67_region": region,
         "fd_radiomics67_normalisation": "zscore_real",
         "fd_radiomics67_n_real": info_r["n_regions"],

@@ -42,6 +42,12 @@ Extension points (set from the bundle config, no trainer change needed):
   and where the label is dropped in training (:meth:`GCDMNetwork.label_channels`). Concatenated channels are the
   path the network demonstrably learns at a small budget (it follows the mask), which the cross-attention tokens
   were measured not to be (bundle/docs/README.md, per-lesion labels).
+* ``spatial_feature_channels`` ``K > 0``: the lesion's radiomic features also enter the UNet input, beside the
+  cross-attention tokens (which stay): a learned linear map of each slot's 67 normalised features to ``K`` values,
+  painted over that slot's area-pooled lesion mask at latent resolution and summed over slots; 0 outside lesions,
+  in empty slots and where the features are dropped (:meth:`GCDMNetwork.feature_channels`). ``0`` (the default)
+  builds nothing and gives the GCDM network unchanged. Added in 0.9.2 because guidance on the features alone was
+  measured to do nothing through the tokens (bundle/docs/README.md, "Guidance, lesions clipped at white").
 """
 
 from __future__ import annotations
@@ -84,6 +90,8 @@ class GCDMNetwork(nn.Module):
         lesion_label_drop: their per-label training drop rates.
         lesion_label_mode: ``"spatial"`` (input channels over the lesion, the default) or ``"tokens"`` (added to
             the slot's cross-attention tokens), see the module docstring.
+        spatial_feature_channels: ``K`` input channels carrying the lesion features over each lesion
+            (:meth:`feature_channels`); 0 = none (the default).
         spatial_dims: 2.
         channels_last: run the UNet in ``torch.channels_last`` memory format (a speed switch on GPUs).
 
@@ -110,6 +118,7 @@ class GCDMNetwork(nn.Module):
         lesion_labels: Sequence[str] = (),
         lesion_label_drop: Mapping[str, float] | None = None,
         lesion_label_mode: str = "spatial",
+        spatial_feature_channels: int = 0,
     ) -> None:
         super().__init__()
         from monai.networks.nets import DiffusionModelUNet
@@ -142,7 +151,14 @@ class GCDMNetwork(nn.Module):
             raise ValueError(f"lesion_label_mode: must be one of {', '.join(LESION_LABEL_MODES)}, got {lesion_label_mode!r}")
         self.lesion_label_mode = lesion_label_mode
         spatial_labels = len(lesion_labels or ()) if lesion_label_mode == "spatial" else 0
-        self.in_channels = self.latent_channels + self.mask_latent_channels + self.extra_concat_channels + spatial_labels
+        if isinstance(spatial_feature_channels, bool) or int(spatial_feature_channels) != spatial_feature_channels \
+                or spatial_feature_channels < 0:
+            raise ValueError(f"spatial_feature_channels: must be an integer >= 0, got {spatial_feature_channels!r}")
+        self.spatial_feature_channels = int(spatial_feature_channels)
+        self.feature_map: nn.Linear | None = (nn.Linear(int(conditioner.radiomic_dim), self.spatial_feature_channels)
+                                              if self.spatial_feature_channels else None)
+        self.in_channels = (self.latent_channels + self.mask_latent_channels + self.extra_concat_channels
+                            + spatial_labels + self.spatial_feature_channels)
         self.unet = DiffusionModelUNet(
             spatial_dims=spatial_dims,
             in_channels=self.in_channels,
@@ -280,6 +296,25 @@ class GCDMNetwork(nn.Module):
         area = torch.nn.functional.adaptive_avg_pool2d(lesion_masks.float(), tuple(int(v) for v in size))  # (B, L, h, w)
         return (value[..., None, None] * area[:, :, None].to(value.dtype)).amax(dim=1)
 
+    def feature_channels(self, features: torch.Tensor, lesion_masks: torch.Tensor, lesion_present: torch.Tensor,
+                         size: Sequence[int], drop_features: torch.Tensor | None = None) -> torch.Tensor:
+        """The ``spatial_feature_channels`` input channels ``(B, K, h, w)``: ``feature_map(features[b, s])``
+        (``(K,)``, unbounded) times slot ``s``'s lesion mask area-pooled to ``size``, summed over the slots; 0 in
+        empty slots (``lesion_present == 0``) and for samples whose features are dropped (``drop_features``: CFG
+        drops in training, the unconditional branch at sampling).
+
+        Args:
+            features: ``(B, L, 67)`` normalised radiomics; lesion_masks: ``(B, L, H, W)`` in ``{0, 1}``;
+            lesion_present: ``(B, L)``; size: the latent ``(h, w)``; drop_features: ``(B,)`` bool or ``None``.
+        """
+        assert self.feature_map is not None
+        keep = lesion_present.to(features.dtype)
+        if drop_features is not None:
+            keep = keep * (~drop_features.to(torch.bool)).to(features.dtype)[:, None].to(keep.device)
+        value = self.feature_map(features) * keep[..., None]  # (B, L, K)
+        area = torch.nn.functional.adaptive_avg_pool2d(lesion_masks.float(), tuple(int(v) for v in size))  # (B, L, h, w)
+        return (value[..., None, None] * area[:, :, None].to(value.dtype)).sum(dim=1)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -309,7 +344,8 @@ class GCDMNetwork(nn.Module):
                 when given, ``features``, ``lesion_masks``, ``lesion_present``, ``drop_features`` and
                 ``extra_inputs`` are not read again (``drop_mask`` still zeroes the mask-latent channels; with
                 ``lesion_label_mode="spatial"`` the label channels still read ``lesion_masks``, ``lesion_present``,
-                the drop flags and ``extra_inputs["lesion_labels"]``).
+                the drop flags and ``extra_inputs["lesion_labels"]``; with ``spatial_feature_channels`` the feature
+                channels still read ``features``, ``lesion_masks``, ``lesion_present`` and ``drop_features``).
 
         Returns:
             ``(B, latent_channels, h, w)`` predicted noise.
@@ -328,6 +364,9 @@ class GCDMNetwork(nn.Module):
         if self.lesion_labels and self.lesion_label_mode == "spatial":
             parts.append(self.label_channels(extra_inputs.get("lesion_labels"), lesion_masks, lesion_present,
                                              x.shape[2:], drop_features, drop_mask).to(x.dtype))
+        if self.spatial_feature_channels:
+            parts.append(self.feature_channels(features, lesion_masks, lesion_present, x.shape[2:],
+                                               drop_features).to(x.dtype))
         if any(p.shape[0] != x.shape[0] or p.shape[2:] != x.shape[2:] for p in parts):
             raise ValueError(f"GCDMNetwork: concat inputs disagree in shape: {[tuple(p.shape) for p in parts]}")
         h = torch.cat(parts, dim=1)
