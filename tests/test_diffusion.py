@@ -696,6 +696,7 @@ def test_bad_stage2_option_is_one_error_line_before_the_latent_cache(env, tmp_pa
     for option, value, line in (
         ("lesion_loss_weight", "0.5", "ERROR: lesion_loss_weight: must be a number >= 1 or null, got 0.5"),
         ("conditioner_lr_mult", "0", "ERROR: conditioner_lr_mult: must be a positive number, got 0"),
+        ("spatial_feature_channels", "-2", "ERROR: spatial_feature_channels: must be an integer >= 0, got -2"),
     ):
         cache = tmp_path / option / "cache"
         res = subprocess.run(

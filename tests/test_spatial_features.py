@@ -76,8 +76,14 @@ def test_feature_channels_by_hand_and_the_unet_sees_them():
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True])
 def test_bad_channel_counts_are_refused(bad):
+    from custom.engines.diffusion import check_spatial_feature_channels
+    from custom.errors import MammoInputError
+
     with pytest.raises(ValueError, match="spatial_feature_channels"):
         _net(bad)
+    with pytest.raises(MammoInputError, match="spatial_feature_channels: must be an integer >= 0"):
+        check_spatial_feature_channels(bad)
+    assert check_spatial_feature_channels(4) == 4 and check_spatial_feature_channels(4.0) == 4
 
 
 def test_the_option_is_recorded_with_the_model():

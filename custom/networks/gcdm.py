@@ -97,7 +97,8 @@ class GCDMNetwork(nn.Module):
 
     Attributes:
         unet: the ``DiffusionModelUNet``; ``unet.in_channels == latent_channels + mask_latent_channels +
-            extra_concat_channels``.
+            extra_concat_channels`` (+ one per lesion label with ``lesion_label_mode="spatial"``, +
+            ``spatial_feature_channels``).
         conditioner: the lesion conditioner.
         num_context_tokens: tokens in the cross-attention context from the lesion slots (``L * num_tokens``).
     """
