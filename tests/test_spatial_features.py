@@ -74,9 +74,9 @@ def test_feature_channels_by_hand_and_the_unet_sees_them():
     assert not torch.allclose(out[0], other[0]) and torch.allclose(out[1], other[1])
 
 
-@pytest.mark.parametrize("bad", [-1, 1.5, True])
+@pytest.mark.parametrize("bad", [-1, 1.5, True, float("nan"), float("inf"), "4"])
 def test_bad_channel_counts_are_refused(bad):
-    from custom.engines.diffusion import check_spatial_feature_channels
+    from custom.networks.gcdm import check_spatial_feature_channels
     from custom.errors import MammoInputError
 
     with pytest.raises(ValueError, match="spatial_feature_channels"):

@@ -385,18 +385,6 @@ def check_lesion_loss_weight(lesion_loss_weight: Any) -> float | None:
     return None if lesion_loss_weight is None else float(lesion_loss_weight)
 
 
-def check_spatial_feature_channels(spatial_feature_channels: Any) -> int:
-    """``spatial_feature_channels``: an integer >= 0 (a boolean, a fraction or text is refused).
-
-    Raises:
-        MammoInputError: naming ``spatial_feature_channels``.
-    """
-    value = spatial_feature_channels
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 0:
-        raise MammoInputError("spatial_feature_channels", f"must be an integer >= 0, got {value!r}")
-    return int(value)
-
-
 def check_stage2_options(snr_gamma: Any = None, lesion_loss_weight: Any = None, conditioner_lr_mult: Any = 1.0,
                          spatial_feature_channels: Any = 0) -> None:
     """The stage-2 loss, optimiser and network options, checked in ``train_diffusion.json``'s ``initialize``: before
@@ -405,6 +393,7 @@ def check_stage2_options(snr_gamma: Any = None, lesion_loss_weight: Any = None, 
     Raises:
         MammoInputError: naming the first bad option.
     """
+    from custom.networks.gcdm import check_spatial_feature_channels
     from custom.networks.sd_weights import check_conditioner_lr_mult
 
     check_snr_gamma(snr_gamma)

@@ -52,21 +52,37 @@ Extension points (set from the bundle config, no trainer change needed):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from custom.errors import MammoInputError
+
 from .conditioning import LesionConditioner, concat_token_sources, zero_dropped
 
-__all__ = ["GCDMNetwork", "UNET_RESERVED_KWARGS", "LESION_LABEL_MODES"]
+__all__ = ["GCDMNetwork", "UNET_RESERVED_KWARGS", "LESION_LABEL_MODES", "check_spatial_feature_channels"]
 
 #: How per-slot lesion labels enter the network (:class:`GCDMNetwork`'s ``lesion_label_mode``).
 LESION_LABEL_MODES = ("tokens", "spatial")
 
 #: ``DiffusionModelUNet`` arguments that :class:`GCDMNetwork` sets itself (they may not appear in ``unet_kwargs``).
 UNET_RESERVED_KWARGS = ("spatial_dims", "in_channels", "out_channels", "with_conditioning", "cross_attention_dim")
+
+
+def check_spatial_feature_channels(spatial_feature_channels: Any) -> int:
+    """``spatial_feature_channels``: an integer >= 0 (a boolean, a fraction or text is refused).
+
+    Raises:
+        MammoInputError: naming ``spatial_feature_channels`` (a ``ValueError``).
+    """
+    value = spatial_feature_channels
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value) or value < 0:
+        raise MammoInputError("spatial_feature_channels", f"must be an integer >= 0, got {value!r}")
+    return int(value)
 
 
 class GCDMNetwork(nn.Module):
@@ -152,10 +168,7 @@ class GCDMNetwork(nn.Module):
             raise ValueError(f"lesion_label_mode: must be one of {', '.join(LESION_LABEL_MODES)}, got {lesion_label_mode!r}")
         self.lesion_label_mode = lesion_label_mode
         spatial_labels = len(lesion_labels or ()) if lesion_label_mode == "spatial" else 0
-        if isinstance(spatial_feature_channels, bool) or int(spatial_feature_channels) != spatial_feature_channels \
-                or spatial_feature_channels < 0:
-            raise ValueError(f"spatial_feature_channels: must be an integer >= 0, got {spatial_feature_channels!r}")
-        self.spatial_feature_channels = int(spatial_feature_channels)
+        self.spatial_feature_channels = check_spatial_feature_channels(spatial_feature_channels)
         self.feature_map: nn.Linear | None = (nn.Linear(int(conditioner.radiomic_dim), self.spatial_feature_channels)
                                               if self.spatial_feature_channels else None)
         self.in_channels = (self.latent_channels + self.mask_latent_channels + self.extra_concat_channels
